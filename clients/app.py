@@ -1,0 +1,131 @@
+"""Flower ClientApp: one data owner training the shared LoRA adapter with DP-SGD.
+
+The base model, the tokenizer and this client's tokenised partition are cached per worker process
+(a long-lived Ray actor in simulation, the SuperNode's ClientApp process in deployment): a round only
+writes the server's arrays into the cached model. The privacy ledger lives in ``context.state`` so that
+epsilon accumulates over every round this client actually trains.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+
+from clients.trainer import DpSgdSettings, train_local
+from fedsvd.config import ExperimentConfig
+from fedsvd.data import tokenize
+from fedsvd.federation import ClientPlan, client_plan, data_for
+from fedsvd.model import build_lora_model, get_arrays, load_tokenizer, resolve_device, set_arrays, set_trainable
+from fedsvd.privacy import PrivacyLedger
+
+PRIVACY_STATE_KEY = "privacy-ledger"
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_model(
+    name: str, num_labels: int, rank: int, alpha: float, targets: tuple[str, ...], seed: int, device: str
+) -> PeftModel:
+    model = build_lora_model(name, num_labels, rank, alpha, targets, seed)
+    return model.to(resolve_device(device))
+
+
+@functools.cache
+def _cached_tokens(cfg: ExperimentConfig, partition_id: int) -> dict[str, torch.Tensor]:
+    part = data_for(cfg).partitions[partition_id]
+    return tokenize(part, load_tokenizer(cfg.model), cfg.max_length)
+
+
+def _model_for(cfg: ExperimentConfig) -> PeftModel:
+    num_labels = data_for(cfg).num_labels
+    return _cached_model(cfg.model, num_labels, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.seed, cfg.device)
+
+
+def _identity(context: Context) -> tuple[ExperimentConfig, int]:
+    """This node's config and partition; the partition count must match the config's client count."""
+    cfg = ExperimentConfig.from_mapping(context.run_config, source="run config")
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    if num_partitions != cfg.num_clients:
+        raise ValueError(
+            f"node has num-partitions = {num_partitions} but num_clients = {cfg.num_clients}: "
+            "start as many SuperNodes as the config has clients"
+        )
+    return cfg, partition_id
+
+
+def _round_seed(cfg: ExperimentConfig, partition_id: int, server_round: int) -> int:
+    # Independent, reproducible streams for each (run seed, client, round): sampling and noise never repeat.
+    return int(np.random.SeedSequence([cfg.seed, partition_id, server_round]).generate_state(1)[0])
+
+
+@app.query()
+def describe(msg: Message, context: Context) -> Message:
+    """Tell the server who this node is, so that it samples clients by partition, reproducibly."""
+    cfg, partition_id = _identity(context)
+    num_examples = len(data_for(cfg).partitions[partition_id])
+    metrics = MetricRecord({"partition-id": partition_id, "num-examples": num_examples})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, partition_id = _identity(context)
+    server_round = int(msg.content["config"]["server-round"])
+    train_keys = [str(key) for key in msg.content["config"]["train-keys"]]  # type: ignore[union-attr]
+
+    model = _model_for(cfg)
+    set_arrays(model, msg.content["arrays"].to_torch_state_dict(), cfg.train_head)
+    set_trainable(model, train_keys, cfg.train_head)
+    tokens = _cached_tokens(cfg, partition_id)
+    plan = client_plan(cfg, partition_id, len(tokens["labels"]))
+
+    ledger = _load_ledger(context, cfg)
+    result = train_local(
+        model,
+        tokens,
+        steps=cfg.local_steps,
+        lr=cfg.lr,
+        sample_rate=plan.sample_rate,
+        seed=_round_seed(cfg, partition_id, server_round),
+        device=resolve_device(cfg.device),
+        dp=DpSgdSettings(plan.noise_multiplier, cfg.clip_norm) if cfg.dp else None,
+        ledger=ledger if cfg.dp else None,
+    )
+    context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.to_record())  # type: ignore[arg-type]
+
+    uploaded = {key: value for key, value in get_arrays(model, cfg.train_head).items() if key in train_keys}
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(uploaded),
+            "metrics": _metrics(cfg, plan, ledger, result.mean_loss),
+            "privacy": ConfigRecord(ledger.to_record()),  # type: ignore[arg-type]
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _load_ledger(context: Context, cfg: ExperimentConfig) -> PrivacyLedger:
+    if PRIVACY_STATE_KEY in context.state:
+        return PrivacyLedger.from_record(context.state[PRIVACY_STATE_KEY])  # type: ignore[arg-type]
+    return PrivacyLedger(cfg.accountant)
+
+
+def _metrics(cfg: ExperimentConfig, plan: ClientPlan, ledger: PrivacyLedger, loss: float) -> MetricRecord:
+    return MetricRecord(
+        {
+            "num-examples": plan.num_examples,
+            "partition-id": plan.partition_id,
+            "train-loss": loss,
+            "epsilon": ledger.epsilon(cfg.delta) if cfg.dp else 0.0,
+            "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": plan.sample_rate,
+            "steps": ledger.steps if cfg.dp else cfg.local_steps,
+        }
+    )

