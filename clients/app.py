@@ -30,9 +30,9 @@ app = ClientApp()
 
 @functools.lru_cache(maxsize=1)
 def _cached_model(
-    name: str, num_labels: int, rank: int, alpha: float, targets: tuple[str, ...], seed: int, device: str
+    name: str, num_labels: int, rank: int, alpha: float, targets: tuple[str, ...], seed: int, pooling: str, device: str
 ) -> PeftModel:
-    model = build_lora_model(name, num_labels, rank, alpha, targets, seed)
+    model = build_lora_model(name, num_labels, rank, alpha, targets, seed, pooling)
     return model.to(resolve_device(device))
 
 
@@ -44,7 +44,9 @@ def _cached_tokens(cfg: ExperimentConfig, partition_id: int) -> dict[str, torch.
 
 def _model_for(cfg: ExperimentConfig) -> PeftModel:
     num_labels = data_for(cfg).num_labels
-    return _cached_model(cfg.model, num_labels, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.seed, cfg.device)
+    return _cached_model(
+        cfg.model, num_labels, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.seed, cfg.pooling, cfg.device
+    )
 
 
 def _identity(context: Context) -> tuple[ExperimentConfig, int]:

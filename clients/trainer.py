@@ -17,6 +17,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
+from fedsvd.model import trim_padding
 from fedsvd.privacy import PrivacyLedger
 
 
@@ -94,7 +95,7 @@ def train_local(
     try:
         for _ in range(steps):
             values = next(batches)
-            batch = {key: value.to(device) for key, value in zip(keys, values, strict=True)}
+            batch = trim_padding({key: value.to(device) for key, value in zip(keys, values, strict=True)})
             labels = batch.pop("labels")
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:

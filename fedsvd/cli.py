@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -67,6 +68,8 @@ def command_run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, ModelError, PrivacyConfigError) as err:
         return _fail(str(err))
 
+    # A plain SIGTERM would skip the clean-up that stops the SuperLink, SuperExec and Ray: exit through it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     started = time.monotonic()
     finished = run_simulation(cfg, out_dir, _show_round)
     rows = read_metrics(out_dir)

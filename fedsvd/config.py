@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from fedsvd.methods import METHODS
 
@@ -25,7 +24,13 @@ ConfigValue = bool | int | float | str
 
 DEVICES = ("auto", "cpu", "cuda")
 PARTITION_SCHEMES = ("dirichlet", "iid")
-ACCOUNTANTS = ("rdp",)
+POOLINGS = ("mean", "model")
+ACCOUNTANTS = ("rdp", "prv")  # the same as fedsvd.privacy.ACCOUNTANTS (a test keeps them equal)
+# Accountants Opacus offers that a run must not use, and why (the same as fedsvd.privacy.REFUSED_ACCOUNTANTS).
+REFUSED_ACCOUNTANTS = {
+    "gdp": "Opacus's GDP accountant is a CLT approximation that under-reports epsilon at small sample rates; "
+    "use 'rdp' or 'prv'",
+}
 DEFAULT_MODEL = "minilm"
 
 
@@ -49,6 +54,16 @@ def _one_of(*allowed: str):
     return check
 
 
+def _accountant(value: str) -> bool:
+    """An accountant this project computes with; a refused one gets its own reason, not the list of choices."""
+    if value in REFUSED_ACCOUNTANTS:
+        raise ConfigError(f"accountant = {value!r} is not allowed: {REFUSED_ACCOUNTANTS[value]}")
+    return value in ACCOUNTANTS
+
+
+_accountant.allowed = ACCOUNTANTS  # type: ignore[attr-defined]
+
+
 def _key(default: ConfigValue, help: str, check=None, allowed: str = "") -> Any:
     """A config key: its default, what it means, and (optionally) a predicate with its human wording."""
     return field(default=default, metadata={"help": help, "check": check, "allowed": allowed})
@@ -67,6 +82,9 @@ class ExperimentConfig:
     lora_rank: int = _key(8, "LoRA rank r", _positive, "> 0")
     lora_alpha: float = _key(8.0, "LoRA alpha (scaling alpha / r)", _positive, "> 0")
     lora_targets: str = _key("query,value", "comma-separated names of the modules that get LoRA")
+    pooling: str = _key(
+        "mean", "'mean' (linear head on mean-pooled states) or 'model' (the model's own head)", _one_of(*POOLINGS)
+    )
     train_head: bool = _key(True, "train (and aggregate) the classification head alongside the adapter")
     # Data and federation.
     dataset: str = _key("rotten_tomatoes", "'rotten_tomatoes' or a .csv / .jsonl file with text and label")
@@ -75,10 +93,10 @@ class ExperimentConfig:
     num_clients: int = _key(6, "number of clients (data owners)", _positive, "> 0")
     partition: str = _key("dirichlet", "how data is split over clients", _one_of(*PARTITION_SCHEMES))
     dirichlet_alpha: float = _key(0.5, "Dirichlet concentration of the label skew", _positive, "> 0")
-    fraction: float = _key(0.5, "share of clients sampled each round", None, "in (0, 1]")
+    fraction: float = _key(1.0, "share of clients sampled each round", None, "in (0, 1]")
     rounds: int = _key(10, "federated rounds", _positive, ">= 1")
     # Local training.
-    local_steps: int = _key(10, "DP-SGD steps per client per round", _positive, "> 0")
+    local_steps: int = _key(5, "DP-SGD steps per client per round", _positive, "> 0")
     batch_size: int = _key(32, "expected (Poisson) batch size", _positive, "> 0")
     lr: float = _key(0.5, "SGD learning rate", _positive, "> 0")
     # Differential privacy.
@@ -86,7 +104,7 @@ class ExperimentConfig:
     epsilon: float = _key(8.0, "target epsilon per client over the whole run", _positive, "> 0")
     delta: float = _key(1e-5, "target delta per client (must be below 1 / n_k)", None, "in (0, 1)")
     clip_norm: float = _key(2.0, "per-sample gradient clipping norm C", _positive, "> 0")
-    accountant: str = _key("rdp", "privacy accountant", _one_of(*ACCOUNTANTS))
+    accountant: str = _key("rdp", "privacy accountant", _accountant)
     # Execution.
     seed: int = _key(0, "seed for data split, partitions, client sampling, LoRA init and DP noise")
     device: str = _key("auto", "where clients and the server compute", _one_of(*DEVICES))

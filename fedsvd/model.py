@@ -13,7 +13,15 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from fedsvd.methods.base import ArrayDict, factor_of
 
@@ -49,16 +57,46 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(model_path(name))
 
 
+class MeanPoolingClassifier(torch.nn.Module):
+    """Encoder + mean of the token states over the attention mask + a linear head.
+
+    Sentence-embedding models such as all-MiniLM-L6-v2 are trained to be read out by mean pooling; their
+    [CLS] pooler is a left-over whose outputs barely vary between sentences, which leaves a linear head
+    almost nothing to learn from (and nothing DP-SGD can find under noise).
+    """
+
+    def __init__(self, encoder: PreTrainedModel, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: torch.Tensor):
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return SequenceClassifierOutput(logits=self.classifier(pooled))
+
+
 def build_lora_model(
-    name: str, num_labels: int, rank: int, alpha: float, targets: Iterable[str], seed: int
+    name: str,
+    num_labels: int,
+    rank: int,
+    alpha: float,
+    targets: Iterable[str],
+    seed: int,
+    pooling: str = "model",
 ) -> PeftModel:
     """Pretrained model with a fresh classification head and LoRA on ``targets``; everything frozen.
 
-    The seed fixes the head and the LoRA init (A Kaiming-uniform, B = 0), so every process that builds the
-    model for the same run starts from the same weights.
+    ``pooling = "model"`` uses the model's own sequence-classification head (e.g. RoBERTa's), ``"mean"`` a
+    linear head on mean-pooled token states. The seed fixes the head and the LoRA init (A Kaiming-uniform,
+    B = 0), so every process that builds the model for the same run starts from the same weights.
     """
     torch.manual_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(model_path(name), num_labels=num_labels)
+    if pooling == "mean":
+        base = MeanPoolingClassifier(AutoModel.from_pretrained(model_path(name)), num_labels)
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(model_path(name), num_labels=num_labels)
     lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
     model = get_peft_model(base, lora, adapter_name=ADAPTER_NAME)
     for parameter in model.parameters():
@@ -126,6 +164,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut the batch to its longest sequence: examples are padded to max_length once, at tokenisation,
+    and most reviews are far shorter, so this roughly halves the cost of every forward and backward pass."""
+    if "attention_mask" not in batch or len(batch["attention_mask"]) == 0:
+        return batch
+    mask = batch["attention_mask"]
+    length = max(1, int(mask.sum(dim=1).max()))
+    if mask[:, length:].any():  # left-padded (decoder tokenizers): the tail holds real tokens
+        return batch
+    return {key: value[:, :length] if value.dim() == 2 else value for key, value in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, tokens: Mapping[str, torch.Tensor], device: torch.device, batch_size: int = 256
@@ -136,7 +186,7 @@ def evaluate(
     count = len(tokens["labels"])
     correct, loss_sum = 0, 0.0
     for start in range(0, count, batch_size):
-        batch = {key: value[start : start + batch_size].to(device) for key, value in tokens.items()}
+        batch = trim_padding({key: value[start : start + batch_size].to(device) for key, value in tokens.items()})
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()

@@ -84,7 +84,9 @@ def main(grid: Grid, context: Context) -> None:
     data = data_for(cfg)
     plans = {plan.partition_id: plan for plan in plan_federation(cfg)}
     device = resolve_device(cfg.device)
-    model = build_lora_model(cfg.model, data.num_labels, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.seed)
+    model = build_lora_model(
+        cfg.model, data.num_labels, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.seed, cfg.pooling
+    )
     model.to(device)
     held_out = tokenize(data.held_out, load_tokenizer(cfg.model), cfg.max_length)
 

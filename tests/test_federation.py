@@ -1,0 +1,116 @@
+"""The real thing at tiny scale: `fedsvd run` on Flower's simulation runtime with Ray, for every method."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedsvd.model import build_lora_model, get_arrays
+from fedsvd.results import CSV_COLUMNS
+
+ROUNDS, CLIENTS = 2, 3
+
+
+def _flower_processes() -> set[int]:
+    names = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if any(name in cmdline for name in names):
+            found.add(process.pid)
+    return found
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path) -> dict[str, Path]:
+    """One 2-round, 3-client DP run per method (run once, inspected by several tests)."""
+    before = _flower_processes()
+    out = {}
+    for method in ("fedsvd", "ffa", "fedavg"):
+        out_dir = tmp_path_factory.mktemp(method)
+        command = [
+            sys.executable, "-m", "fedsvd.cli", "run", f"configs/{method}.toml", "--out", str(out_dir),
+            "--set", f"model={tiny_bert}", "--set", f"dataset={sentiment_csv}", "--set", f"num_clients={CLIENTS}",
+            "--set", f"rounds={ROUNDS}", "--set", "local_steps=3", "--set", "fraction=0.6",
+            "--set", "delta=1e-3", "--set", "epsilon=4", "--set", "client_cpus=1", "--set", "lr=0.5",
+        ]  # fmt: skip
+        result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        progress = [line for line in result.stdout.splitlines() if line.startswith("round ")]
+        assert len(progress) == ROUNDS + 1, result.stdout
+        out[method] = out_dir
+    assert _flower_processes() <= before, "the run left Flower or Ray processes behind"
+    return out
+
+
+def _rows(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["fedsvd", "ffa", "fedavg"])
+def test_run_writes_every_round_and_the_results(runs: dict[str, Path], method: str) -> None:
+    out_dir = runs[method]
+    rows = _rows(out_dir)
+    assert [row["round"] for row in rows] == list(range(ROUNDS + 1))
+    required = {"round", "method", "accuracy", "loss", "epsilon_max", "clients", "bytes_up", "bytes_down", "seconds"}
+    for row in rows:
+        assert required <= set(row)
+        assert row["method"] == method
+        assert 0.0 <= row["accuracy"] <= 1.0
+    for row in rows[1:]:
+        assert len(row["clients"]) == 2 and row["bytes_up"] > 0 and row["bytes_down"] > 0
+        assert set(row["privacy"]) == {str(p) for p in row["clients"]}
+        for entry in row["privacy"].values():
+            assert {"epsilon", "sigma", "sample_rate", "steps", "delta"} <= set(entry)
+            assert 0 < entry["epsilon"] <= 4.0 + 1e-6 and entry["delta"] == 1e-3
+    with (out_dir / "metrics.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert tuple(table[0]) == CSV_COLUMNS and len(table) == ROUNDS + 1
+    assert 'method = "' + method + '"' in (out_dir / "config.toml").read_text()
+    assert json.loads((out_dir / "summary.json").read_text())["rounds"] == ROUNDS
+
+
+@pytest.mark.parametrize("method", ["fedsvd", "ffa", "fedavg"])
+def test_each_clients_epsilon_is_cumulative_and_never_decreases(runs: dict[str, Path], method: str) -> None:
+    last_epsilon: dict[str, float] = {}
+    last_steps: dict[str, int] = {}
+    for row in _rows(runs[method])[1:]:
+        for client, entry in row["privacy"].items():
+            assert entry["epsilon"] > last_epsilon.get(client, 0.0)
+            assert entry["steps"] == last_steps.get(client, 0) + 3, "steps are cumulative over rounds"
+            last_epsilon[client], last_steps[client] = entry["epsilon"], entry["steps"]
+        assert row["epsilon_max"] == pytest.approx(max(last_epsilon.values()))
+
+
+def test_sampling_is_the_same_for_every_method(runs: dict[str, Path]) -> None:
+    sequences = {method: [row["clients"] for row in _rows(out)] for method, out in runs.items()}
+    assert sequences["fedsvd"] == sequences["ffa"] == sequences["fedavg"]
+
+
+def _initial_arrays(tiny_bert: Path) -> dict[str, torch.Tensor]:
+    # The runs use the config's defaults for everything the test does not set (rank 8, mean pooling, seed 0).
+    model = build_lora_model(str(tiny_bert), 2, 8, 8.0, ("query", "value"), seed=0, pooling="mean")
+    return get_arrays(model, train_head=True)
+
+
+def test_final_adapters_follow_each_methods_rule(runs: dict[str, Path], tiny_bert: Path) -> None:
+    initial = _initial_arrays(tiny_bert)
+    adapters = {method: load_file(str(out / "adapter.safetensors")) for method, out in runs.items()}
+    a_keys = [k for k in initial if k.endswith("lora_A.weight")]
+    b_keys = [k for k in initial if k.endswith("lora_B.weight")]
+    for method, arrays in adapters.items():
+        assert set(arrays) == set(initial), method
+        assert any(not torch.equal(arrays[k], initial[k]) for k in b_keys), f"{method}: B never trained"
+    for k in a_keys:
+        assert torch.equal(adapters["ffa"][k], initial[k]), "FFA-LoRA must never change A"
+        assert not torch.equal(adapters["fedavg"][k], initial[k]), "FedAvg-LoRA trains A"
+        a = adapters["fedsvd"][k].double()
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
