@@ -272,3 +272,68 @@ def _epsilon_options(accountant: str, rdp_epsilon: float, events: list[PrivacyEv
         steps = sum(count for _, _, count in events)
         return {"eps_error": max(PRV_RELATIVE_EPS_ERROR * rdp_epsilon, PRV_EPS_ERROR_PER_ROOT_STEP * math.sqrt(steps))}
     return {}
+
+
+GUARANTEE = (
+    "Record-level (epsilon, delta)-DP for each client's local training data, with respect to adding or removing "
+    "one record, from DP-SGD with Poisson sampling, per-sample clipping and Gaussian noise; epsilon composes over "
+    "every round in which the client trained. Not covered: the server's evaluation data, hyper-parameter search "
+    "across runs, and the use of a non-cryptographic random number generator for the noise."
+)
+
+
+@dataclass
+class ServerPrivacyLedger:
+    """The server's own account of every client's spend, built from what it asked each client to run.
+
+    It does not trust the clients' reports: each round it recomputes a client's cumulative epsilon from its
+    planned noise multiplier and sample rate and the steps of every round it trained, and a report that
+    disagrees by more than ``tolerance`` (relative) marks the update as not to be aggregated.
+    """
+
+    accountant: str
+    delta: float
+    steps_per_round: int
+    plans: dict[int, tuple[float, float]]  # partition -> (noise multiplier, sample rate)
+    tolerance: float = 1e-3
+    rounds: dict[int, list[int]] = field(default_factory=dict)
+
+    def history(self, partition: int) -> list[PrivacyEvent]:
+        sigma, rate = self.plans[partition]
+        return [(sigma, rate, self.steps_per_round)] * len(self.rounds.get(partition, []))
+
+    def epsilon(self, partition: int) -> float:
+        return epsilon_of(self.history(partition), self.delta, self.accountant)
+
+    def record_training(self, partition: int, server_round: int) -> None:
+        """A client replied to a training instruction: it spent this round's budget, aggregated or not."""
+        self.rounds.setdefault(partition, []).append(server_round)
+
+    def mismatch(self, partition: int, reported_epsilon: float) -> str | None:
+        """Why the client's reported epsilon cannot be trusted, or None if it agrees with the ledger."""
+        expected = self.epsilon(partition)
+        if abs(reported_epsilon - expected) > self.tolerance * max(expected, 1e-12):
+            return f"reported epsilon {reported_epsilon:.6g} differs from the server ledger's {expected:.6g}"
+        return None
+
+    def report(self) -> dict[str, object]:
+        """Everything privacy.json holds: per client, its full history and final epsilon under RDP and PRV."""
+        clients = {}
+        for partition in sorted(self.plans):
+            sigma, rate = self.plans[partition]
+            history = self.history(partition)
+            clients[str(partition)] = {
+                "noise_multiplier": sigma,
+                "sample_rate": rate,
+                "rounds": self.rounds.get(partition, []),
+                "history": [list(event) for event in history],
+                "steps": sum(steps for _, _, steps in history),
+                "epsilon": epsilon_by_accountant(history, self.delta),
+            }
+        return {
+            "mechanism": "DP-SGD (Poisson-sampled Gaussian mechanism, per-sample clipping)",
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "guarantee": GUARANTEE,
+            "clients": clients,
+        }

@@ -24,6 +24,7 @@ METRICS_CSV = "metrics.csv"
 CONFIG_TOML = "config.toml"
 ADAPTER_FILE = "adapter.safetensors"
 SUMMARY_JSON = "summary.json"
+PRIVACY_JSON = "privacy.json"
 # The scalar columns of metrics.csv, in order; per-client detail stays in the JSONL.
 CSV_COLUMNS = (
     "round",
@@ -79,6 +80,10 @@ class RunRecorder:
         tensors = {name: value.contiguous() for name, value in arrays.items()}
         _write_atomically(path, lambda p: save_file(tensors, str(p), metadata=dict(metadata)))
         return path
+
+    def write_privacy(self, report: Mapping[str, Any]) -> None:
+        """Every client's full DP history and final epsilon (RDP and PRV), with what is guaranteed."""
+        _write_atomically(self.out_dir / PRIVACY_JSON, lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """Mark the run complete; its absence tells a reader (or a resume) that the run did not finish."""

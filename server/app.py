@@ -22,6 +22,7 @@ from fedsvd.data import tokenize
 from fedsvd.federation import data_for, plan_federation
 from fedsvd.methods import build_method
 from fedsvd.model import build_lora_model, evaluate, get_arrays, load_tokenizer, resolve_device, set_arrays
+from fedsvd.privacy import ServerPrivacyLedger
 from fedsvd.results import RunRecorder
 from server.strategy import LoraStrategy
 
@@ -95,7 +96,11 @@ def main(grid: Grid, context: Context) -> None:
     if mismatched:
         raise RuntimeError(f"clients report other partition sizes than planned (got, planned): {mismatched}")
     method = build_method(cfg.method, svd_every=cfg.svd_every, svd_warmup=cfg.svd_warmup)
-    strategy = LoraStrategy(method, nodes, sizes, cfg.clients_per_round, cfg.seed, cfg.delta)
+    ledger = None
+    if cfg.dp:
+        planned = {p: (plan.noise_multiplier, plan.sample_rate) for p, plan in plans.items()}
+        ledger = ServerPrivacyLedger(cfg.accountant, cfg.delta, cfg.local_steps, planned)
+    strategy = LoraStrategy(method, nodes, sizes, cfg.clients_per_round, cfg.seed, cfg.delta, ledger)
 
     epsilon_so_far: dict[int, float] = {}
     last_time = [time.monotonic()]
@@ -148,6 +153,8 @@ def main(grid: Grid, context: Context) -> None:
             "lora_targets": cfg.lora_targets,
         },
     )
+    if ledger is not None:
+        recorder.write_privacy(ledger.report())
     last = result.evaluate_metrics_serverapp[cfg.rounds]
     recorder.finish(
         {

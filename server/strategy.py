@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsvd.methods import ClientUpdate, FederatedLoraMethod
+from fedsvd.privacy import ServerPrivacyLedger
 
 
 class InvalidReply(ValueError):
@@ -57,6 +58,9 @@ class LoraStrategy(FedAvg):
         Seeds the client sampling sequence (one independent stream per round).
     delta : float
         The delta at which clients report epsilon (recorded with each client's privacy entry).
+    ledger : ServerPrivacyLedger, optional
+        The server's own privacy account (None without DP); a client whose reported epsilon disagrees
+        with it is not aggregated.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class LoraStrategy(FedAvg):
         clients_per_round: int,
         seed: int,
         delta: float,
+        ledger: ServerPrivacyLedger | None = None,
     ) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=len(nodes))
         self.method = method
@@ -75,6 +80,7 @@ class LoraStrategy(FedAvg):
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.delta = delta
+        self.ledger = ledger
         self.rounds: dict[int, RoundRecord] = {}
         self._global: dict[str, torch.Tensor] = {}
         self._partition_of = {node: partition for partition, node in self.nodes.items()}
@@ -110,6 +116,8 @@ class LoraStrategy(FedAvg):
         losses: list[tuple[float, int]] = []
         for reply in replies:
             partition = self._partition_of.get(reply.metadata.src_node_id, -1)
+            if self.ledger is not None and partition >= 0 and not reply.has_error():
+                self.ledger.record_training(partition, server_round)
             try:
                 update, metrics = self._validated(reply, partition, expected)
             except InvalidReply as reason:
@@ -157,6 +165,8 @@ class LoraStrategy(FedAvg):
             raise InvalidReply(
                 f"num-examples {metrics['num-examples']} != {self.num_examples[partition]} planned for it"
             )
+        if self.ledger is not None and (reason := self.ledger.mismatch(partition, float(metrics["epsilon"]))):
+            raise InvalidReply(reason)
         arrays = content.array_records["arrays"]
         if set(arrays.keys()) != expected:
             raise InvalidReply(

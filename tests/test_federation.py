@@ -11,9 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from dp_accounting import dp_event, rdp
 from safetensors.torch import load_file
 
 from fedsvd.model import build_lora_model, get_arrays
+from fedsvd.privacy import RDP_ORDERS
 from fedsvd.results import CSV_COLUMNS
 
 ROUNDS, CLIENTS = 2, 3
@@ -114,3 +116,23 @@ def test_final_adapters_follow_each_methods_rule(runs: dict[str, Path], tiny_ber
         assert not torch.equal(adapters["fedavg"][k], initial[k]), "FedAvg-LoRA trains A"
         a = adapters["fedsvd"][k].double()
         torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["fedsvd", "ffa", "fedavg"])
+def test_every_reported_epsilon_is_recomputed_by_dp_accounting(runs: dict[str, Path], method: str) -> None:
+    """privacy.json holds each client's history; Google's accountant re-derives every epsilon in metrics.jsonl."""
+    report = json.loads((runs[method] / "privacy.json").read_text())
+    assert report["delta"] == 1e-3 and report["accountant"] == "rdp"
+    participations: dict[str, int] = {}
+    for row in _rows(runs[method])[1:]:
+        assert not row["rejected"], row["rejected"]
+        for client, entry in row["privacy"].items():
+            participations[client] = participations.get(client, 0) + 1
+            history = report["clients"][client]["history"][: participations[client]]
+            accountant = rdp.RdpAccountant(RDP_ORDERS)
+            for sigma, rate, steps in history:
+                accountant.compose(dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(sigma)), steps)
+            assert entry["epsilon"] == pytest.approx(accountant.get_epsilon(1e-3), rel=5e-3)
+    for client, entry in report["clients"].items():
+        assert len(entry["rounds"]) == participations.get(client, 0)
+        assert entry["epsilon"]["rdp"] <= 4.0 + 1e-6 and entry["epsilon"]["prv"] <= entry["epsilon"]["rdp"]
