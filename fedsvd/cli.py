@@ -15,7 +15,7 @@ from fedsvd.data import DataError
 from fedsvd.federation import plan_federation
 from fedsvd.model import ModelError, check_model
 from fedsvd.privacy import PrivacyConfigError
-from fedsvd.results import SUMMARY_JSON, has_results, read_metrics
+from fedsvd.results import SUMMARY_JSON, has_results, progress_line, read_metrics
 
 EXIT_USAGE = 2
 
@@ -33,12 +33,7 @@ def _out_dir(cfg: ExperimentConfig, requested: str | None) -> Path:
 
 
 def _show_round(row: dict) -> None:
-    trained = ",".join(str(p) for p in row["clients"]) or "-"
-    print(
-        f"round {row['round']:>3} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
-        f"eps max {row['epsilon_max']:6.3f} | clients {trained:<12} | {row['seconds']:6.1f}s",
-        flush=True,
-    )
+    print(progress_line(row), flush=True)
 
 
 def preflight(cfg: ExperimentConfig) -> None:

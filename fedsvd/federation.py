@@ -58,6 +58,7 @@ def planned_steps(cfg: ExperimentConfig) -> int:
     return cfg.rounds * cfg.local_steps
 
 
+@functools.lru_cache(maxsize=64)  # clients call this every round; calibration is a numerical search
 def client_plan(cfg: ExperimentConfig, partition_id: int, num_examples: int) -> ClientPlan:
     """The client's fixed DP-SGD parameters; raises PrivacyConfigError when delta is too large for it."""
     sample_rate = sample_rate_for(cfg.batch_size, num_examples)

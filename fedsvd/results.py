@@ -52,6 +52,15 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def progress_line(row: Mapping[str, Any]) -> str:
+    """The one-line view of a round that ``fedsvd run`` prints and the server logs."""
+    trained = ",".join(str(p) for p in row["clients"]) or "-"
+    return (
+        f"round {row['round']:>3} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
+        f"eps max {row['epsilon_max']:6.3f} | clients {trained:<12} | {row['seconds']:6.1f}s"
+    )
+
+
 def has_results(out_dir: Path) -> bool:
     return (out_dir / METRICS_JSONL).exists()
 

@@ -23,7 +23,7 @@ from fedsvd.federation import data_for, plan_federation
 from fedsvd.methods import build_method
 from fedsvd.model import build_lora_model, evaluate, get_arrays, load_tokenizer, resolve_device, set_arrays
 from fedsvd.privacy import ServerPrivacyLedger
-from fedsvd.results import RunRecorder
+from fedsvd.results import RunRecorder, progress_line
 from server.strategy import LoraStrategy
 
 # How long the server waits for every SuperNode to connect and introduce itself.
@@ -66,13 +66,6 @@ def discover_clients(grid: Grid, num_clients: int) -> tuple[dict[int, int], dict
 def majority_accuracy(labels: Sequence[int]) -> float:
     """Accuracy of always predicting the most common label: the bar any trained model must clear."""
     return Counter(labels).most_common(1)[0][1] / len(labels)
-
-
-def _progress_line(row: dict) -> str:
-    return (
-        f"round {row['round']:>3} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
-        f"eps max {row['epsilon_max']:.3f} | clients {row['clients']} | {row['seconds']:.1f}s"
-    )
 
 
 @app.main()
@@ -132,7 +125,7 @@ def main(grid: Grid, context: Context) -> None:
         }
         last_time[0] = now
         recorder.record_round(row)
-        log(INFO, "fedsvd: %s", _progress_line(row))
+        log(INFO, "fedsvd: %s", progress_line(row))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     initial = ArrayRecord(get_arrays(model, cfg.train_head))
