@@ -21,7 +21,7 @@ from fedsvd.config import ExperimentConfig
 from fedsvd.data import tokenize
 from fedsvd.federation import ClientPlan, client_plan, data_for
 from fedsvd.model import build_lora_model, get_arrays, load_tokenizer, resolve_device, set_arrays, set_trainable
-from fedsvd.privacy import PrivacyLedger
+from fedsvd.privacy import PrivacyLedger, epsilon_of
 
 PRIVACY_STATE_KEY = "privacy-ledger"
 
@@ -89,6 +89,13 @@ def train(msg: Message, context: Context) -> Message:
     plan = client_plan(cfg, partition_id, len(tokens["labels"]))
 
     ledger = _load_ledger(context, cfg)
+    if cfg.dp:
+        # Defence in depth: the server should never ask this, but the client's own ledger has the last word.
+        next_round = [*ledger.history, (plan.noise_multiplier, plan.sample_rate, cfg.local_steps)]
+        if epsilon_of(next_round, cfg.delta, cfg.accountant) > cfg.epsilon:
+            raise RuntimeError(
+                f"client {partition_id} refuses to train: another round would exceed its epsilon budget {cfg.epsilon:g}"
+            )
     result = train_local(
         model,
         tokens,

@@ -25,6 +25,7 @@ ConfigValue = bool | int | float | str
 DEVICES = ("auto", "cpu", "cuda")
 PARTITION_SCHEMES = ("dirichlet", "iid")
 POOLINGS = ("mean", "model")
+PARTICIPATION_PLANS = ("every_round", "expected")
 ACCOUNTANTS = ("rdp", "prv")  # the same as fedsvd.privacy.ACCOUNTANTS (a test keeps them equal)
 # Accountants Opacus offers that a run must not use, and why (the same as fedsvd.privacy.REFUSED_ACCOUNTANTS).
 REFUSED_ACCOUNTANTS = {
@@ -103,6 +104,12 @@ class ExperimentConfig:
     dp: bool = _key(True, "train with DP-SGD (false: the same path without clipping and noise)")
     epsilon: float = _key(8.0, "target epsilon per client over the whole run", _positive, "> 0")
     delta: float = _key(1e-5, "target delta per client (must be below 1 / n_k)", None, "in (0, 1)")
+    planned_participation: str = _key(
+        "every_round",
+        "calibrate noise for every round ('every_round') or for rounds x fraction ('expected'; the budget is "
+        "then enforced: a client that would exceed epsilon is no longer selected)",
+        _one_of(*PARTICIPATION_PLANS),
+    )
     clip_norm: float = _key(2.0, "per-sample gradient clipping norm C", _positive, "> 0")
     accountant: str = _key("rdp", "privacy accountant", _accountant)
     # Execution.

@@ -7,6 +7,7 @@ noise multipliers from the config alone (seeded), so they agree without exchangi
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from fedsvd.config import ExperimentConfig
@@ -54,7 +55,14 @@ def data_for(cfg: ExperimentConfig) -> FederationData:
 
 
 def planned_steps(cfg: ExperimentConfig) -> int:
-    """Plan as if the client trains in every round: the target then holds whatever the sampling does."""
+    """Local steps the noise is calibrated for.
+
+    'every_round' plans as if the client trains in every round: the target then holds whatever the sampling
+    does. 'expected' plans for rounds x fraction participations (less noise), which is only safe because the
+    server then stops selecting a client whose next round would take it past its target.
+    """
+    if cfg.planned_participation == "expected":
+        return math.ceil(cfg.rounds * cfg.fraction) * cfg.local_steps
     return cfg.rounds * cfg.local_steps
 
 

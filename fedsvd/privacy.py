@@ -309,6 +309,12 @@ class ServerPrivacyLedger:
         """A client replied to a training instruction: it spent this round's budget, aggregated or not."""
         self.rounds.setdefault(partition, []).append(server_round)
 
+    def can_train(self, partition: int, target_epsilon: float) -> bool:
+        """Whether one more round keeps this client at or below its target epsilon."""
+        sigma, rate = self.plans[partition]
+        next_round = [*self.history(partition), (sigma, rate, self.steps_per_round)]
+        return epsilon_of(next_round, self.delta, self.accountant) <= target_epsilon
+
     def mismatch(self, partition: int, reported_epsilon: float) -> str | None:
         """Why the client's reported epsilon cannot be trusted, or None if it agrees with the ledger."""
         expected = self.epsilon(partition)

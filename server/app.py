@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -24,7 +24,7 @@ from fedsvd.methods import build_method
 from fedsvd.model import build_lora_model, evaluate, get_arrays, load_tokenizer, resolve_device, set_arrays
 from fedsvd.privacy import ServerPrivacyLedger
 from fedsvd.results import RunRecorder, progress_line
-from server.strategy import LoraStrategy
+from server.strategy import BudgetExhausted, LoraStrategy
 
 # How long the server waits for every SuperNode to connect and introduce itself.
 DISCOVERY_TIMEOUT_S = 600.0
@@ -93,9 +93,12 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.dp:
         planned = {p: (plan.noise_multiplier, plan.sample_rate) for p, plan in plans.items()}
         ledger = ServerPrivacyLedger(cfg.accountant, cfg.delta, cfg.local_steps, planned)
-    strategy = LoraStrategy(method, nodes, sizes, cfg.clients_per_round, cfg.seed, cfg.delta, ledger)
+    # Without a budget check 'every_round' planning cannot overspend; 'expected' planning relies on it.
+    target = cfg.epsilon if cfg.dp else None
+    strategy = LoraStrategy(method, nodes, sizes, cfg.clients_per_round, cfg.seed, cfg.delta, ledger, target)
 
     epsilon_so_far: dict[int, float] = {}
+    latest: dict = {}  # the last evaluated global adapter and its scores: what is kept if the run stops early
     last_time = [time.monotonic()]
     started = last_time[0]
 
@@ -124,20 +127,20 @@ def main(grid: Grid, context: Context) -> None:
             "rejected": {str(p): reason for p, reason in trained.rejected.items()} if trained else {},
         }
         last_time[0] = now
+        latest.update(arrays=arrays, round=server_round, accuracy=accuracy, loss=loss)
         recorder.record_round(row)
         log(INFO, "fedsvd: %s", progress_line(row))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     initial = ArrayRecord(get_arrays(model, cfg.train_head))
-    result = strategy.start(
-        grid,
-        initial,
-        num_rounds=cfg.rounds,
-        evaluate_fn=evaluate_round,
-    )
-    final = (result.arrays or initial).to_torch_state_dict()
+    stopped_early = None
+    try:
+        strategy.start(grid, initial, num_rounds=cfg.rounds, evaluate_fn=evaluate_round)
+    except BudgetExhausted as stop:
+        stopped_early = str(stop)
+        log(WARNING, "fedsvd: stopping: %s; results up to round %d are kept", stop, latest["round"])
     recorder.save_adapter(
-        final,
+        latest["arrays"].to_torch_state_dict(),
         {
             "method": cfg.method,
             "model": cfg.model,
@@ -148,13 +151,13 @@ def main(grid: Grid, context: Context) -> None:
     )
     if ledger is not None:
         recorder.write_privacy(ledger.report())
-    last = result.evaluate_metrics_serverapp[cfg.rounds]
     recorder.finish(
         {
             "method": cfg.method,
-            "rounds": cfg.rounds,
-            "final_accuracy": float(last["accuracy"]),
-            "final_loss": float(last["loss"]),
+            "rounds": latest["round"],
+            "stopped_early": stopped_early,
+            "final_accuracy": latest["accuracy"],
+            "final_loss": latest["loss"],
             "epsilon_max": max(epsilon_so_far.values(), default=0.0),
             "epsilon_target": cfg.epsilon if cfg.dp else None,
             "delta": cfg.delta if cfg.dp else None,

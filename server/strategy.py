@@ -24,6 +24,10 @@ from fedsvd.methods import ClientUpdate, FederatedLoraMethod
 from fedsvd.privacy import ServerPrivacyLedger
 
 
+class BudgetExhausted(RuntimeError):
+    """Too few clients have privacy budget left for another round: the run stops here."""
+
+
 class InvalidReply(ValueError):
     """A client reply that must not be aggregated; the message says why."""
 
@@ -61,6 +65,8 @@ class LoraStrategy(FedAvg):
     ledger : ServerPrivacyLedger, optional
         The server's own privacy account (None without DP); a client whose reported epsilon disagrees
         with it is not aggregated.
+    target_epsilon : float, optional
+        With a ledger: no client is selected for a round that would take it past this epsilon.
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class LoraStrategy(FedAvg):
         seed: int,
         delta: float,
         ledger: ServerPrivacyLedger | None = None,
+        target_epsilon: float | None = None,
     ) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=len(nodes))
         self.method = method
@@ -81,14 +88,29 @@ class LoraStrategy(FedAvg):
         self.seed = seed
         self.delta = delta
         self.ledger = ledger
+        self.target_epsilon = target_epsilon
         self.rounds: dict[int, RoundRecord] = {}
         self._global: dict[str, torch.Tensor] = {}
         self._partition_of = {node: partition for partition, node in self.nodes.items()}
 
     def sample_partitions(self, server_round: int) -> list[int]:
-        """The partitions that train in this round: depends only on (seed, round), never on the method."""
+        """The partitions that train in this round: depends only on (seed, round, budgets), never on the method.
+
+        Clients whose next round would take them past their target epsilon are not eligible; when none is
+        left, ``BudgetExhausted`` ends the run.
+        """
+        eligible = sorted(self.nodes)
+        if self.ledger is not None and self.target_epsilon is not None:
+            eligible = [p for p in eligible if self.ledger.can_train(p, self.target_epsilon)]
+            skipped = sorted(set(self.nodes) - set(eligible))
+            if skipped:
+                log(
+                    INFO, "round %d: partitions %s have no privacy budget left for another round", server_round, skipped
+                )
+        if not eligible:
+            raise BudgetExhausted(f"round {server_round}: no client has privacy budget left for another round")
         rng = np.random.default_rng([self.seed, server_round])
-        chosen = rng.choice(sorted(self.nodes), size=self.clients_per_round, replace=False)
+        chosen = rng.choice(eligible, size=min(self.clients_per_round, len(eligible)), replace=False)
         return sorted(int(partition) for partition in chosen)
 
     def configure_train(

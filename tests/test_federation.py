@@ -31,6 +31,16 @@ def _flower_processes() -> set[int]:
     return found
 
 
+def _run(out_dir: Path, tiny_bert: Path, sentiment_csv: Path, *settings: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "fedsvd.cli", "run", *settings, "--out", str(out_dir)]
+    for key, value in {
+        "model": tiny_bert, "dataset": sentiment_csv, "num_clients": CLIENTS, "local_steps": 3,
+        "delta": 1e-3, "epsilon": 4, "client_cpus": 1, "lr": 0.5,
+    }.items():  # fmt: skip
+        command += ["--set", f"{key}={value}"]
+    return subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path) -> dict[str, Path]:
     """One 2-round, 3-client DP run per method (run once, inspected by several tests)."""
@@ -38,13 +48,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_cs
     out = {}
     for method in ("fedsvd", "ffa", "fedavg"):
         out_dir = tmp_path_factory.mktemp(method)
-        command = [
-            sys.executable, "-m", "fedsvd.cli", "run", f"configs/{method}.toml", "--out", str(out_dir),
-            "--set", f"model={tiny_bert}", "--set", f"dataset={sentiment_csv}", "--set", f"num_clients={CLIENTS}",
-            "--set", f"rounds={ROUNDS}", "--set", "local_steps=3", "--set", "fraction=0.6",
-            "--set", "delta=1e-3", "--set", "epsilon=4", "--set", "client_cpus=1", "--set", "lr=0.5",
-        ]  # fmt: skip
-        result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        result = _run(
+            out_dir, tiny_bert, sentiment_csv, f"configs/{method}.toml", "--set", f"rounds={ROUNDS}",
+            "--set", "fraction=0.6",
+        )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
         progress = [line for line in result.stdout.splitlines() if line.startswith("round ")]
         assert len(progress) == ROUNDS + 1, result.stdout
@@ -136,3 +143,31 @@ def test_every_reported_epsilon_is_recomputed_by_dp_accounting(runs: dict[str, P
     for client, entry in report["clients"].items():
         assert len(entry["rounds"]) == participations.get(client, 0)
         assert entry["epsilon"]["rdp"] <= 4.0 + 1e-6 and entry["epsilon"]["prv"] <= entry["epsilon"]["rdp"]
+
+
+def test_expected_participation_skips_clients_at_their_budget_and_never_exceeds_it(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
+) -> None:
+    """5 rounds x 2 of 3 clients, noise planned for ceil(5 x 0.6) = 3 rounds each: 10 slots, 9 of budget."""
+    result = _run(
+        tmp_path, tiny_bert, sentiment_csv, "--set", "rounds=5", "--set", "fraction=0.6",
+        "--set", "planned_participation=expected",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = _rows(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    participations: dict[str, int] = {}
+    for row in rows[1:]:
+        assert not row["rejected"], row["rejected"]
+        for client in map(str, row["clients"]):
+            participations[client] = participations.get(client, 0) + 1
+    assert max(participations.values()) <= 3, participations
+    assert sum(participations.values()) < 10, "some client must have been skipped or the run stopped"
+    assert all(eps <= 4.0 + 1e-9 for row in rows for eps in row["epsilon"].values())
+    report = json.loads((tmp_path / "privacy.json").read_text())
+    assert all(entry["epsilon"]["rdp"] <= 4.0 + 1e-9 for entry in report["clients"].values())
+    if summary["stopped_early"]:
+        assert "no client has privacy budget left" in summary["stopped_early"]
+        assert summary["rounds"] == rows[-1]["round"] < 5
+    else:
+        assert rows[-1]["round"] == 5
