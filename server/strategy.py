@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ class LoraStrategy(FedAvg):
                 update, metrics = self._validated(reply, partition, expected)
             except InvalidReply as reason:
                 record.rejected[partition] = str(reason)
-                log(WARNING, "round %d: rejected reply from partition %d: %s", server_round, partition, reason)
+                log(ERROR, "round %d: rejected reply from partition %d: %s", server_round, partition, reason)
                 continue
             updates.append(update)
             record.clients.append(partition)
