@@ -57,7 +57,8 @@ def progress_line(row: Mapping[str, Any]) -> str:
     trained = ",".join(str(p) for p in row["clients"]) or "-"
     return (
         f"round {row['round']:>3} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
-        f"eps max {row['epsilon_max']:6.3f} mean {row['epsilon_mean']:6.3f} | clients {trained:<12} | {row['seconds']:6.1f}s"
+        f"eps max {row['epsilon_max']:6.3f} mean {row['epsilon_mean']:6.3f} | "
+        f"clients {trained:<12} | {row['seconds']:6.1f}s"
     )
 
 
