@@ -106,7 +106,10 @@ def main(grid: Grid, context: Context) -> None:
         set_arrays(model, arrays.to_torch_state_dict(), cfg.train_head)
         accuracy, loss = evaluate(model, held_out, device)
         trained = strategy.rounds.get(server_round)
-        if trained is not None:
+        if ledger is not None:
+            # The server's ledger is the source of truth: it also counts clients whose update was rejected.
+            epsilon_so_far.update({p: ledger.epsilon(p) for p in ledger.rounds})
+        elif trained is not None:
             epsilon_so_far.update({p: entry["epsilon"] for p, entry in trained.privacy.items()})
         now = time.monotonic()
         row = {
