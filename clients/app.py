@@ -3,7 +3,8 @@
 The base model, the tokenizer and this client's tokenised partition are cached per worker process
 (a long-lived Ray actor in simulation, the SuperNode's ClientApp process in deployment): a round only
 writes the server's arrays into the cached model. The privacy ledger lives in ``context.state`` so that
-epsilon accumulates over every round this client actually trains.
+epsilon accumulates over every round this client actually trains; so do the factors a personalised method
+(FedSA-LoRA) keeps for this client alone.
 """
 
 from __future__ import annotations
@@ -20,33 +21,56 @@ from clients.trainer import DpSgdSettings, train_local
 from fedsvd.config import ExperimentConfig
 from fedsvd.data import tokenize
 from fedsvd.federation import ClientPlan, client_plan, data_for
-from fedsvd.model import build_lora_model, get_arrays, load_tokenizer, resolve_device, set_arrays, set_trainable
+from fedsvd.methods import METHODS
+from fedsvd.methods.base import factor_of
+from fedsvd.model import (
+    build_lora_model,
+    evaluate,
+    get_arrays,
+    load_tokenizer,
+    resolve_device,
+    set_arrays,
+    set_trainable,
+)
 from fedsvd.privacy import PrivacyLedger, epsilon_of
 
 PRIVACY_STATE_KEY = "privacy-ledger"
+PERSONAL_STATE_KEY = "personal-arrays"
 
 app = ClientApp()
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_model(
-    name: str, num_labels: int, rank: int, alpha: float, targets: tuple[str, ...], seed: int, pooling: str, device: str
-) -> PeftModel:
-    model = build_lora_model(name, num_labels, rank, alpha, targets, seed, pooling)
-    return model.to(resolve_device(device))
+def _cached_model(run_id: int, cfg: ExperimentConfig, num_labels: int) -> PeftModel:
+    # Keyed by run: FLoRA and FedEx-LoRA rewrite the base weights, which must never leak into another run.
+    model = build_lora_model(cfg.model, num_labels, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.seed, cfg.pooling)
+    return model.to(resolve_device(cfg.device))
 
 
 @functools.cache
-def _cached_tokens(cfg: ExperimentConfig, partition_id: int) -> dict[str, torch.Tensor]:
-    part = data_for(cfg).partitions[partition_id]
+def _cached_tokens(cfg: ExperimentConfig, partition_id: int, held_out: bool = False) -> dict[str, torch.Tensor]:
+    data = data_for(cfg)
+    part = data.local_eval[partition_id] if held_out else data.partitions[partition_id]
+    if part is None:
+        raise ValueError("per-client evaluation was requested but local_eval_fraction = 0")
     return tokenize(part, load_tokenizer(cfg.model), cfg.max_length)
 
 
-def _model_for(cfg: ExperimentConfig) -> PeftModel:
-    num_labels = data_for(cfg).num_labels
-    return _cached_model(
-        cfg.model, num_labels, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.seed, cfg.pooling, cfg.device
-    )
+def _model_with_round_arrays(cfg: ExperimentConfig, msg: Message, context: Context) -> PeftModel:
+    """The cached model holding the server's arrays, except for the factors this client keeps as its own."""
+    model = _cached_model(context.run_id, cfg, data_for(cfg).num_labels)
+    arrays = msg.content["arrays"].to_torch_state_dict()
+    if PERSONAL_STATE_KEY in context.state:
+        arrays.update(context.state[PERSONAL_STATE_KEY].to_torch_state_dict())  # type: ignore[union-attr]
+    set_arrays(model, arrays, cfg.train_head)
+    return model
+
+
+def _keep_personal_factors(cfg: ExperimentConfig, model: PeftModel, context: Context) -> None:
+    personal = METHODS[cfg.method].personal_factors
+    if personal:
+        own = {key: value for key, value in get_arrays(model, cfg.train_head).items() if factor_of(key) in personal}
+        context.state[PERSONAL_STATE_KEY] = ArrayRecord(own)
 
 
 def _identity(context: Context) -> tuple[ExperimentConfig, int]:
@@ -82,8 +106,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     train_keys = [str(key) for key in msg.content["config"]["train-keys"]]  # type: ignore[union-attr]
 
-    model = _model_for(cfg)
-    set_arrays(model, msg.content["arrays"].to_torch_state_dict(), cfg.train_head)
+    model = _model_with_round_arrays(cfg, msg, context)
     set_trainable(model, train_keys, cfg.train_head)
     tokens = _cached_tokens(cfg, partition_id)
     plan = client_plan(cfg, partition_id, len(tokens["labels"]))
@@ -108,6 +131,7 @@ def train(msg: Message, context: Context) -> Message:
         ledger=ledger if cfg.dp else None,
     )
     context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.to_record())  # type: ignore[arg-type]
+    _keep_personal_factors(cfg, model, context)
 
     uploaded = {key: value for key, value in get_arrays(model, cfg.train_head).items() if key in train_keys}
     content = RecordDict(
@@ -118,6 +142,18 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_locally(msg: Message, context: Context) -> Message:
+    """Score the round's global adapter (with this client's own factors, if it keeps any) on the client's
+    held-out slice, which it never trains on."""
+    cfg, partition_id = _identity(context)
+    model = _model_with_round_arrays(cfg, msg, context)
+    tokens = _cached_tokens(cfg, partition_id, held_out=True)
+    accuracy, loss = evaluate(model, tokens, resolve_device(cfg.device))
+    metrics = MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": len(tokens["labels"])})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 def _load_ledger(context: Context, cfg: ExperimentConfig) -> PrivacyLedger:

@@ -95,6 +95,13 @@ class ExperimentConfig:
     )
     max_length: int = _key(64, "tokens per example (truncate / pad)", _positive, "> 0")
     eval_fraction: float = _key(0.1, "share of the data held out for the server's evaluation", None, "in (0, 1)")
+    local_eval_fraction: float = _key(
+        0.0,
+        "share of each client's partition held out for per-client evaluation every round (0 = none; "
+        "FedSA-LoRA needs it for its personalised accuracy)",
+        None,
+        "in [0, 1)",
+    )
     num_clients: int = _key(6, "number of clients (data owners)", _positive, "> 0")
     partition: str = _key("dirichlet", "how data is split over clients", _one_of(*PARTITION_SCHEMES))
     dirichlet_alpha: float = _key(0.5, "Dirichlet concentration of the label skew", _positive, "> 0")
@@ -131,6 +138,13 @@ class ExperimentConfig:
                 allowed = f.metadata["allowed"] or "one of: " + ", ".join(check.allowed)
                 raise ConfigError(f"{f.name} = {value!r} is not allowed: must be {allowed}")
         _require(0 < self.eval_fraction < 1, "eval_fraction", self.eval_fraction, "in (0, 1)")
+        _require(0 <= self.local_eval_fraction < 1, "local_eval_fraction", self.local_eval_fraction, "in [0, 1)")
+        _require(
+            self.method != "fedsa" or self.local_eval_fraction > 0,
+            "local_eval_fraction",
+            self.local_eval_fraction,
+            "> 0 with method = 'fedsa' (its personalised accuracy is measured on each client's held-out slice)",
+        )
         _require(0 < self.fraction <= 1, "fraction", self.fraction, "in (0, 1]")
         _require(0 < self.delta < 1, "delta", self.delta, "in (0, 1)")
         _require(0 <= self.client_gpus <= 1, "client_gpus", self.client_gpus, "in [0, 1]")

@@ -10,6 +10,8 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from fedsvd.config import ExperimentConfig
 from fedsvd.data import TextDataset, held_out_split, load_texts, partition_indices, subset
 from fedsvd.privacy import calibrate_noise_multiplier, check_delta, sample_rate_for
@@ -17,9 +19,14 @@ from fedsvd.privacy import calibrate_noise_multiplier, check_delta, sample_rate_
 
 @dataclass(frozen=True)
 class FederationData:
-    """The clients' training partitions and the server's held-out evaluation set (disjoint)."""
+    """The clients' training partitions, their own held-out slices and the server's held-out set (disjoint).
+
+    ``local_eval[k]`` is None when no per-client evaluation is configured; it never overlaps ``partitions[k]``,
+    so a client's evaluation never scores examples it trained on.
+    """
 
     partitions: tuple[TextDataset, ...]
+    local_eval: tuple[TextDataset | None, ...]
     held_out: TextDataset
 
     @property
@@ -40,17 +47,39 @@ class ClientPlan:
 
 @functools.lru_cache(maxsize=4)
 def federation_data(
-    dataset: str, eval_fraction: float, num_clients: int, partition: str, dirichlet_alpha: float, seed: int
+    dataset: str,
+    eval_fraction: float,
+    num_clients: int,
+    partition: str,
+    dirichlet_alpha: float,
+    seed: int,
+    local_eval_fraction: float = 0.0,
 ) -> FederationData:
     """Load, split and partition once per process (the server and each Ray worker call this every round)."""
     train, held_out = held_out_split(load_texts(dataset), eval_fraction, seed)
-    parts = partition_indices(train.labels, num_clients, partition, dirichlet_alpha, seed)
-    return FederationData(tuple(subset(train, indices) for indices in parts), held_out)
+    parts = [
+        subset(train, indices)
+        for indices in partition_indices(train.labels, num_clients, partition, dirichlet_alpha, seed)
+    ]
+    if local_eval_fraction == 0:
+        return FederationData(tuple(parts), (None,) * num_clients, held_out)
+    splits = [
+        # A stream per client, so one client's slice does not depend on how the others were drawn.
+        held_out_split(part, local_eval_fraction, int(np.random.SeedSequence([seed, pid]).generate_state(1)[0]))
+        for pid, part in enumerate(parts)
+    ]
+    return FederationData(tuple(part for part, _ in splits), tuple(local for _, local in splits), held_out)
 
 
 def data_for(cfg: ExperimentConfig) -> FederationData:
     return federation_data(
-        cfg.dataset, cfg.eval_fraction, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed
+        cfg.dataset,
+        cfg.eval_fraction,
+        cfg.num_clients,
+        cfg.partition,
+        cfg.dirichlet_alpha,
+        cfg.seed,
+        cfg.local_eval_fraction,
     )
 
 

@@ -2,7 +2,8 @@
 
 Array names are the PEFT parameter names without the adapter name (``...query.lora_A.weight``), so the
 aggregation methods can pair A with B by suffix and a trainable head (``...classifier.weight``) is just
-one more shared array.
+one more shared array. Methods that merge updates into the frozen weights (FLoRA, FedEx-LoRA) also share
+the base weight of every adapted module (``...query.base_layer.weight``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from fedsvd.methods.base import ArrayDict, factor_of
+from fedsvd.methods.base import ArrayDict, factor_of, is_base_weight
 
 DEFAULT_MODEL = "minilm"
 ADAPTER_NAME = "default"
@@ -113,26 +114,35 @@ def _is_head(parameter_name: str) -> bool:
     return any(head in parts for head in HEAD_MODULES)
 
 
-def shared_parameters(model: PeftModel, train_head: bool) -> dict[str, torch.nn.Parameter]:
-    """The parameters the federation owns, by array name: every LoRA factor, and the head if it trains."""
+def shared_parameters(model: PeftModel, train_head: bool, base_weights: bool = False) -> dict[str, torch.nn.Parameter]:
+    """The parameters the federation owns, by array name: every LoRA factor, the head if it trains, and with
+    ``base_weights`` the frozen weight of every adapted module."""
     shared = {}
     for name, parameter in model.named_parameters():
         array_name = _array_name(name)
-        if factor_of(array_name) is not None or (train_head and _is_head(name)):
+        if (
+            factor_of(array_name) is not None
+            or (train_head and _is_head(name))
+            or (base_weights and is_base_weight(array_name))
+        ):
             shared[array_name] = parameter
     return shared
 
 
-def get_arrays(model: PeftModel, train_head: bool) -> ArrayDict:
+def get_arrays(model: PeftModel, train_head: bool, base_weights: bool = False) -> ArrayDict:
     """Copies of the shared parameters as float32 CPU tensors (what goes on the wire)."""
     return {
-        name: p.detach().to("cpu", torch.float32).clone() for name, p in shared_parameters(model, train_head).items()
+        name: p.detach().to("cpu", torch.float32).clone()
+        for name, p in shared_parameters(model, train_head, base_weights).items()
     }
 
 
 def set_arrays(model: PeftModel, arrays: Mapping[str, torch.Tensor], train_head: bool) -> None:
-    """Overwrite the shared parameters in place; every one of them must be given, with its exact shape."""
-    shared = shared_parameters(model, train_head)
+    """Overwrite the shared parameters in place; every one of them must be given, with its exact shape.
+
+    Base weights of the adapted modules are shared (and then all required) exactly when ``arrays`` holds any.
+    """
+    shared = shared_parameters(model, train_head, base_weights=any(is_base_weight(key) for key in arrays))
     missing = sorted(set(shared) - set(arrays))
     unknown = sorted(set(arrays) - set(shared))
     if missing or unknown:

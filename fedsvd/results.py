@@ -31,6 +31,7 @@ CSV_COLUMNS = (
     "method",
     "accuracy",
     "loss",
+    "local_accuracy",
     "epsilon_max",
     "epsilon_mean",
     "num_trained",
@@ -55,9 +56,11 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 def progress_line(row: Mapping[str, Any]) -> str:
     """The one-line view of a round that ``fedsvd run`` prints and the server logs."""
     trained = ",".join(str(p) for p in row["clients"]) or "-"
+    local = row.get("local_accuracy")
     return (
-        f"round {row['round']:>3} | acc {row['accuracy']:.4f} | loss {row['loss']:.4f} | "
-        f"eps max {row['epsilon_max']:6.3f} mean {row['epsilon_mean']:6.3f} | "
+        f"round {row['round']:>3} | acc {row['accuracy']:.4f} | "
+        + (f"local acc {local:.4f} | " if local is not None else "")
+        + f"loss {row['loss']:.4f} | eps max {row['epsilon_max']:6.3f} mean {row['epsilon_mean']:6.3f} | "
         f"clients {trained:<12} | {row['seconds']:6.1f}s"
     )
 

@@ -77,6 +77,13 @@ def main(grid: Grid, context: Context) -> None:
 
     data = data_for(cfg)
     plans = {plan.partition_id: plan for plan in plan_federation(cfg)}
+    method = build_method(
+        cfg.method,
+        svd_every=cfg.svd_every,
+        svd_warmup=cfg.svd_warmup,
+        scaling=cfg.lora_alpha / cfg.lora_rank,
+        seed=cfg.seed,
+    )
     device = resolve_device(cfg.device)
     model = build_lora_model(
         cfg.model, data.num_labels, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.seed, cfg.pooling
@@ -88,14 +95,15 @@ def main(grid: Grid, context: Context) -> None:
     mismatched = {p: (sizes[p], plans[p].num_examples) for p in sizes if sizes[p] != plans[p].num_examples}
     if mismatched:
         raise RuntimeError(f"clients report other partition sizes than planned (got, planned): {mismatched}")
-    method = build_method(cfg.method, svd_every=cfg.svd_every, svd_warmup=cfg.svd_warmup)
     ledger = None
     if cfg.dp:
         planned = {p: (plan.noise_multiplier, plan.sample_rate) for p, plan in plans.items()}
         ledger = ServerPrivacyLedger(cfg.accountant, cfg.delta, cfg.local_steps, planned)
     # Without a budget check 'every_round' planning cannot overspend; 'expected' planning relies on it.
     target = cfg.epsilon if cfg.dp else None
-    strategy = LoraStrategy(method, nodes, sizes, cfg.clients_per_round, cfg.seed, cfg.delta, ledger, target)
+    strategy = LoraStrategy(
+        method, nodes, sizes, cfg.clients_per_round, cfg.seed, cfg.delta, ledger, target, cfg.local_eval_fraction > 0
+    )
 
     epsilon_so_far: dict[int, float] = {}
     latest: dict = {}  # the last evaluated global adapter and its scores: what is kept if the run stops early
@@ -117,6 +125,8 @@ def main(grid: Grid, context: Context) -> None:
             "method": cfg.method,
             "accuracy": accuracy,
             "loss": loss,
+            "local_accuracy": trained.local_accuracy if trained else None,
+            "local_loss": trained.local_loss if trained else None,
             "epsilon_max": max(epsilon_so_far.values(), default=0.0),
             "epsilon_mean": sum(epsilon_so_far.values()) / cfg.num_clients,
             "num_trained": len(trained.clients) if trained else 0,
@@ -130,12 +140,14 @@ def main(grid: Grid, context: Context) -> None:
             "rejected": {str(p): reason for p, reason in trained.rejected.items()} if trained else {},
         }
         last_time[0] = now
-        latest.update(arrays=arrays, round=server_round, accuracy=accuracy, loss=loss)
+        latest.update(
+            arrays=arrays, round=server_round, accuracy=accuracy, loss=loss, local_accuracy=row["local_accuracy"]
+        )
         recorder.record_round(row)
         log(INFO, "fedsvd: %s", progress_line(row))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
-    initial = ArrayRecord(get_arrays(model, cfg.train_head))
+    initial = ArrayRecord(get_arrays(model, cfg.train_head, base_weights=method.merges_into_base))
     stopped_early = None
     try:
         strategy.start(grid, initial, num_rounds=cfg.rounds, evaluate_fn=evaluate_round)
@@ -150,6 +162,8 @@ def main(grid: Grid, context: Context) -> None:
             "lora_rank": str(cfg.lora_rank),
             "lora_alpha": str(cfg.lora_alpha),
             "lora_targets": cfg.lora_targets,
+            # FLoRA / FedEx-LoRA: the merged base weights of the adapted modules are part of the result.
+            "includes_base_weights": str(method.merges_into_base).lower(),
         },
     )
     if ledger is not None:
@@ -161,6 +175,7 @@ def main(grid: Grid, context: Context) -> None:
             "stopped_early": stopped_early,
             "final_accuracy": latest["accuracy"],
             "final_loss": latest["loss"],
+            "final_local_accuracy": latest.get("local_accuracy"),
             "epsilon_max": max(epsilon_so_far.values(), default=0.0),
             "epsilon_target": cfg.epsilon if cfg.dp else None,
             "delta": cfg.delta if cfg.dp else None,

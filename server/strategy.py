@@ -2,8 +2,9 @@
 
 The strategy samples clients by partition (seeded, so every method sees the same sequence), tells them
 which arrays to train, validates every reply before it can touch the global adapter, and hands the valid
-ones to ``method.aggregate``. What happened in the round (who trained, bytes, privacy) is kept for the
-server's per-round record.
+ones to ``method.aggregate``. With per-client evaluation it then asks every client to score the new global
+adapter (with FedSA-LoRA: its own B) on its held-out slice. What happened in the round (who trained, bytes,
+privacy, per-client scores) is kept for the server's per-round record.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class RoundRecord:
     bytes_down: int = 0
     train_loss: float = math.nan
     privacy: dict[int, dict[str, float]] = field(default_factory=dict)
+    # Example-weighted mean over the clients' held-out slices (None without per-client evaluation).
+    local_accuracy: float | None = None
+    local_loss: float | None = None
 
 
 class LoraStrategy(FedAvg):
@@ -67,6 +71,8 @@ class LoraStrategy(FedAvg):
         with it is not aggregated.
     target_epsilon : float, optional
         With a ledger: no client is selected for a round that would take it past this epsilon.
+    local_eval : bool
+        After each round, every client evaluates the new global adapter on its own held-out slice.
     """
 
     def __init__(
@@ -79,8 +85,11 @@ class LoraStrategy(FedAvg):
         delta: float,
         ledger: ServerPrivacyLedger | None = None,
         target_epsilon: float | None = None,
+        local_eval: bool = False,
     ) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=len(nodes))
+        super().__init__(
+            fraction_train=1.0, fraction_evaluate=1.0 if local_eval else 0.0, min_available_nodes=len(nodes)
+        )
         self.method = method
         self.nodes = dict(nodes)
         self.num_examples = dict(num_examples)
@@ -166,6 +175,43 @@ class LoraStrategy(FedAvg):
             record.train_loss = sum(loss * n for loss, n in finite) / sum(n for _, n in finite)
         new_global = self.method.aggregate(self._global, updates, server_round)
         return ArrayRecord(new_global), MetricRecord({"train-loss": record.train_loss})
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        record = RecordDict({"arrays": arrays, "config": ConfigRecord({**config, "server-round": server_round})})
+        # Every client, not a sample: the per-client score is a mean over the whole federation.
+        return [Message(record, self.nodes[p], MessageType.EVALUATE) for p in sorted(self.nodes)]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        scores: list[tuple[float, float, int]] = []
+        for reply in replies:
+            partition = self._partition_of.get(reply.metadata.src_node_id, -1)
+            try:
+                scores.append(self._validated_score(reply))
+            except InvalidReply as reason:
+                log(ERROR, "round %d: rejected evaluation from partition %d: %s", server_round, partition, reason)
+        if not scores:
+            return None
+        total = sum(n for _, _, n in scores)
+        record = self.rounds.setdefault(server_round, RoundRecord())
+        record.local_accuracy = sum(acc * n for acc, _, n in scores) / total
+        record.local_loss = sum(loss * n for _, loss, n in scores) / total
+        return MetricRecord({"local-accuracy": record.local_accuracy, "local-loss": record.local_loss})
+
+    @staticmethod
+    def _validated_score(reply: Message) -> tuple[float, float, int]:
+        if reply.has_error():
+            raise InvalidReply(f"client error: {reply.error.reason}")
+        metrics = reply.content.metric_records.get("metrics")
+        if metrics is None or any(key not in metrics for key in ("accuracy", "loss", "num-examples")):
+            raise InvalidReply("evaluation reply lacks accuracy, loss or num-examples")
+        accuracy, loss, count = float(metrics["accuracy"]), float(metrics["loss"]), int(metrics["num-examples"])
+        if not (0.0 <= accuracy <= 1.0 and math.isfinite(loss) and count > 0):
+            raise InvalidReply(f"implausible evaluation: accuracy {accuracy}, loss {loss}, examples {count}")
+        return accuracy, loss, count
 
     def _validated(
         self, reply: Message, partition: int, expected: set[str]

@@ -1,4 +1,4 @@
-"""Aggregation rules of fedavg, ffa and fedsvd, and the SVD re-factorisation behind FedSVD."""
+"""Aggregation rules of every method (METHODS.md), and the SVD re-factorisation behind FedSVD."""
 
 from __future__ import annotations
 
@@ -10,14 +10,20 @@ import torch
 from fedsvd.methods import METHODS, ClientUpdate, FedSvd, build_method, refactorize
 from fedsvd.methods.base import (
     ArrayDict,
+    base_weight_key,
     example_weights,
     factor_of,
+    is_base_weight,
     is_lora_factor,
     lora_pairs,
     weighted_mean,
 )
 from fedsvd.methods.fedavg import FedAvgLora
+from fedsvd.methods.fedex import FedExLora
+from fedsvd.methods.fedsa import FedSaLora
 from fedsvd.methods.ffa import FfaLora
+from fedsvd.methods.flora import FLora
+from fedsvd.methods.rolora import RoLora
 
 PREFIX = "base_model.model.bert.encoder.layer.{layer}.attention.self.{module}"
 HEAD = "classifier.weight"
@@ -34,6 +40,7 @@ def lora_keys(layer: int, module: str) -> tuple[str, str]:
 MODULES = [lora_keys(0, "query"), lora_keys(0, "value"), lora_keys(1, "query")]
 DIMS = {MODULES[0]: (16, 16), MODULES[1]: (16, 16), MODULES[2]: (12, 16)}
 RANK = 4
+SCALING = 2.5  # alpha / r, deliberately not 1 so that a missing factor s shows
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -52,6 +59,20 @@ def global_arrays(gen: torch.Generator) -> ArrayDict:
         arrays[b_key] = torch.randn(d_out, RANK, generator=gen)
     arrays[HEAD] = torch.randn(2, 16, generator=gen)
     return arrays
+
+
+def with_base_weights(gen: torch.Generator, arrays: ArrayDict) -> ArrayDict:
+    """Global arrays of a method that owns the base weights of the adapted modules."""
+    bases = {base_weight_key(a_key): torch.randn(*DIMS[(a_key, b_key)], generator=gen) for a_key, b_key in MODULES}
+    return {**arrays, **bases}
+
+
+def mean_product(updates: list[ClientUpdate], a_key: str, b_key: str) -> torch.Tensor:
+    """Reference ``sum_k p_k B_k A_k`` in float64, written independently of the library's helper."""
+    total = sum(COUNTS)
+    return sum(
+        n / total * (u.arrays[b_key].double() @ u.arrays[a_key].double()) for n, u in zip(COUNTS, updates, strict=True)
+    )
 
 
 def uploads(gen: torch.Generator, glob: ArrayDict, keys: set[str]) -> list[ClientUpdate]:
@@ -77,6 +98,8 @@ def test_key_helpers() -> None:
     a_key, b_key = MODULES[0]
     assert factor_of(a_key) == "A" and factor_of(b_key) == "B" and factor_of(HEAD) is None
     assert is_lora_factor(a_key) and not is_lora_factor(HEAD)
+    base = base_weight_key(a_key)
+    assert base.endswith(".query.base_layer.weight") and is_base_weight(base) and not is_lora_factor(base)
     keys = [key for pair in MODULES for key in reversed(pair)] + [HEAD]
     assert lora_pairs(keys) == sorted(MODULES)
     with pytest.raises(ValueError, match="without their partner"):
@@ -220,6 +243,100 @@ def test_fedavg_product_is_not_mean_of_products(gen: torch.Generator) -> None:
     assert rel_err(new[b_key] @ new[a_key], mean_of_products) > 0.1
 
 
+# --- RoLoRA ------------------------------------------------------------------------------------------
+
+
+def test_rolora_alternates_and_keeps_the_frozen_half_bit_identical(gen: torch.Generator) -> None:
+    glob = global_arrays(gen)
+    method = RoLora()
+    a_keys, b_keys = {a for a, _ in MODULES}, {b for _, b in MODULES}
+    assert [method.trained_factors(r) for r in (1, 2, 3, 4)] == [{"B"}, {"A"}, {"B"}, {"A"}]
+    for server_round, trained, frozen in ((1, b_keys, a_keys), (2, a_keys, b_keys)):
+        assert method.uplink_keys(glob, server_round) == trained | {HEAD}
+        updates = uploads(gen, glob, trained | {HEAD})
+        new = method.aggregate(glob, updates, server_round)
+        for key in frozen:
+            assert new[key] is glob[key]
+        for key in trained:
+            torch.testing.assert_close(new[key], expected_mean(updates, key))
+        # Only one factor differs across clients, so the product of the averages is the average of the products.
+        for a_key, b_key in MODULES:
+            client_updates = [ClientUpdate({**glob, **u.arrays}, u.num_examples) for u in updates]
+            assert rel_err(new[b_key].double() @ new[a_key].double(), mean_product(client_updates, a_key, b_key)) < 1e-5
+        glob = new
+
+
+# --- FedSA-LoRA --------------------------------------------------------------------------------------
+
+
+def test_fedsa_averages_both_and_keeps_b_personal(gen: torch.Generator) -> None:
+    glob = global_arrays(gen)
+    method = FedSaLora()
+    assert method.personal_factors == {"B"} and not method.merges_into_base
+    assert method.uplink_keys(glob, 1) == set(glob)
+    updates = uploads(gen, glob, set(glob))
+    new = method.aggregate(glob, updates, 1)
+    for key in glob:
+        torch.testing.assert_close(new[key], expected_mean(updates, key))
+
+
+# --- FLoRA and FedEx-LoRA: exact aggregation through the base weights ---------------------------------
+
+
+def test_flora_merges_the_exact_sum_into_the_base_and_restarts_the_adapter(gen: torch.Generator) -> None:
+    glob = with_base_weights(gen, global_arrays(gen))
+    method = FLora(scaling=SCALING, seed=7)
+    assert method.merges_into_base
+    uplink = method.uplink_keys(glob, 1)
+    assert uplink == set(global_arrays(gen)) and not any(is_base_weight(key) for key in uplink)
+    updates = uploads(gen, glob, uplink)
+    new = method.aggregate(glob, updates, 1)
+    for a_key, b_key in MODULES:
+        base = base_weight_key(a_key)
+        expected = glob[base].double() + SCALING * mean_product(updates, a_key, b_key)
+        # What clients compute next round: merged base + s * (fresh B = 0) @ A = the exact stacked model.
+        actual = new[base].double() + SCALING * new[b_key].double() @ new[a_key].double()
+        assert rel_err(actual, expected) < 1e-5
+        assert not new[b_key].any()
+        d_in = new[a_key].shape[1]
+        assert new[a_key].abs().max() <= 1 / d_in**0.5 and new[a_key].std() > 0.1 / d_in**0.5
+        assert not torch.equal(new[a_key], glob[a_key])
+    torch.testing.assert_close(new[HEAD], expected_mean(updates, HEAD))
+    again = FLora(scaling=SCALING, seed=7).aggregate(glob, updates, 1)
+    next_round = FLora(scaling=SCALING, seed=7).aggregate(glob, updates, 2)
+    a_key = MODULES[0][0]
+    assert torch.equal(again[a_key], new[a_key]) and not torch.equal(next_round[a_key], new[a_key])
+
+
+def test_fedex_folds_the_averaging_error_into_the_base(gen: torch.Generator) -> None:
+    glob = with_base_weights(gen, global_arrays(gen))
+    method = FedExLora(scaling=SCALING)
+    uplink = method.uplink_keys(glob, 1)
+    updates = uploads(gen, glob, uplink)
+    new = method.aggregate(glob, updates, 1)
+    for a_key, b_key in MODULES:
+        base = base_weight_key(a_key)
+        torch.testing.assert_close(new[a_key], expected_mean(updates, a_key))
+        torch.testing.assert_close(new[b_key], expected_mean(updates, b_key))
+        expected = glob[base].double() + SCALING * mean_product(updates, a_key, b_key)
+        actual = new[base].double() + SCALING * new[b_key].double() @ new[a_key].double()
+        assert rel_err(actual, expected) < 1e-5
+        # The residual is real: FedAvg alone would be off by far more than rounding.
+        assert rel_err(glob[base].double() + SCALING * new[b_key].double() @ new[a_key].double(), expected) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["fedavg", "ffa", "fedsvd", "fedsa", "rolora"])
+def test_methods_without_base_merging_never_touch_base_weights(gen: torch.Generator, name: str) -> None:
+    glob = with_base_weights(gen, global_arrays(gen))
+    method = build_method(name)
+    assert not method.merges_into_base
+    for server_round in (1, 2):
+        keys = method.uplink_keys(glob, server_round)
+        new = method.aggregate(glob, uploads(gen, glob, keys), server_round)
+        for a_key, _ in MODULES:
+            assert new[base_weight_key(a_key)] is glob[base_weight_key(a_key)]
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 
@@ -254,13 +371,13 @@ def test_aggregate_validation(gen: torch.Generator) -> None:
 
 
 def test_registry() -> None:
-    assert set(METHODS) == {"fedavg", "ffa", "fedsvd"}
+    assert set(METHODS) == {"fedavg", "ffa", "fedsvd", "fedsa", "rolora", "flora", "fedex"}
     for name, cls in METHODS.items():
         assert cls.name == name
         # The declared options must be exactly the constructor's keyword parameters, or build_method drifts.
         params = inspect.signature(cls).parameters.values()
         assert tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD) == cls.options
-    with pytest.raises(ValueError, match="unknown method 'nope'; choose one of: fedavg, fedsvd, ffa"):
+    with pytest.raises(ValueError, match="unknown method 'nope'; choose one of: fedavg, fedex, fedsa, fedsvd, ffa, "):
         build_method("nope")
     assert isinstance(build_method("ffa", svd_every=3, svd_warmup=1), FfaLora)
     method = build_method("fedsvd", svd_every=2, svd_warmup=5)
@@ -271,3 +388,8 @@ def test_registry() -> None:
         FedSvd(svd_warmup=-2)
     with pytest.raises(ValueError, match="unknown method option"):
         build_method("fedavg", rank=8)
+    flora = build_method("flora", svd_every=1, scaling=0.5, seed=3)
+    assert isinstance(flora, FLora) and (flora.scaling, flora.seed) == (0.5, 3)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="scaling"):
+            build_method("fedex", scaling=bad)

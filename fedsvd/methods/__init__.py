@@ -6,10 +6,16 @@ from typing import Any
 
 from fedsvd.methods.base import ClientUpdate, FederatedLoraMethod
 from fedsvd.methods.fedavg import FedAvgLora
+from fedsvd.methods.fedex import FedExLora
+from fedsvd.methods.fedsa import FedSaLora
 from fedsvd.methods.fedsvd import FedSvd, refactorize
 from fedsvd.methods.ffa import FfaLora
+from fedsvd.methods.flora import FLora
+from fedsvd.methods.rolora import RoLora
 
-METHODS: dict[str, type[FederatedLoraMethod]] = {cls.name: cls for cls in (FedSvd, FfaLora, FedAvgLora)}
+METHODS: dict[str, type[FederatedLoraMethod]] = {
+    cls.name: cls for cls in (FedSvd, FfaLora, FedAvgLora, FedSaLora, RoLora, FLora, FedExLora)
+}
 
 
 def build_method(name: str, **options: Any) -> FederatedLoraMethod:
@@ -47,10 +53,14 @@ def build_method(name: str, **options: Any) -> FederatedLoraMethod:
 __all__ = [
     "METHODS",
     "ClientUpdate",
+    "FLora",
     "FedAvgLora",
+    "FedExLora",
+    "FedSaLora",
     "FedSvd",
     "FederatedLoraMethod",
     "FfaLora",
+    "RoLora",
     "build_method",
     "refactorize",
 ]

@@ -2,7 +2,9 @@
 
 A method is a small pure object. The server asks it which arrays clients upload in a round
 (``uplink_keys``) and hands it the uploads to combine into the next global arrays (``aggregate``).
-Methods differ only in which LoRA factors clients train and in what happens after averaging.
+Methods differ in which LoRA factors clients train, in what happens after averaging, in whether the
+server also owns the base weights of the adapted modules (``merges_into_base``: FLoRA, FedEx-LoRA) and in
+which factors each client keeps for itself across rounds (``personal_factors``: FedSA-LoRA).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ ArrayDict = dict[str, torch.Tensor]
 
 LORA_A_SUFFIX = "lora_A.weight"
 LORA_B_SUFFIX = "lora_B.weight"
+# PEFT wraps each adapted nn.Linear and keeps the frozen original as ``<module>.base_layer``.
+BASE_WEIGHT_SUFFIX = "base_layer.weight"
 
 Factor = Literal["A", "B"]
 BOTH_FACTORS: frozenset[str] = frozenset({"A", "B"})
@@ -62,6 +66,16 @@ def factor_of(key: str) -> Factor | None:
 def is_lora_factor(key: str) -> bool:
     """Whether a key holds a LoRA A or B matrix."""
     return factor_of(key) is not None
+
+
+def is_base_weight(key: str) -> bool:
+    """Whether a key holds the frozen base weight of an adapted module (server-owned, never uploaded)."""
+    return key.endswith(BASE_WEIGHT_SUFFIX)
+
+
+def base_weight_key(a_key: str) -> str:
+    """The base-weight key of the module that a LoRA A key belongs to."""
+    return a_key[: -len(LORA_A_SUFFIX)] + BASE_WEIGHT_SUFFIX
 
 
 def lora_pairs(keys: Iterable[str]) -> list[tuple[str, str]]:
@@ -165,17 +179,37 @@ def weighted_mean(updates: Sequence[ClientUpdate]) -> ArrayDict:
     return mean
 
 
+def mean_of_products(updates: Sequence[ClientUpdate], a_key: str, b_key: str) -> torch.Tensor:
+    """The exact aggregate update of one module, ``sum_k p_k B_k @ A_k``, in float64.
+
+    This is the full-rank ``d_out x d_in`` matrix that averaging the clients' dense updates would give;
+    the rules that fold it (or its residual) into the base weights need it, the others never form it.
+    """
+    weights = example_weights(updates)
+    total: torch.Tensor | None = None
+    for weight, update in zip(weights.tolist(), updates, strict=True):
+        product = weight * (update.arrays[b_key].to(torch.float64) @ update.arrays[a_key].to(torch.float64))
+        total = product if total is None else total + product
+    assert total is not None  # example_weights refuses an empty round
+    return total
+
+
 class FederatedLoraMethod(ABC):
     """A server-side aggregation rule for LoRA adapters.
 
     Subclasses set ``name``, choose the factors clients train with ``trained_factors`` and may
-    post-process the average in ``_after_average``. Keys that are not LoRA factors (e.g. a trainable
-    classifier head) are always trained, uploaded and averaged.
+    post-process the average in ``_after_average``. Keys that are neither LoRA factors nor base weights
+    (e.g. a trainable classifier head) are always trained, uploaded and averaged. Base weights, when the
+    method owns them, are never uploaded: only ``_after_average`` changes them.
     """
 
     name: ClassVar[str]
     # Constructor keyword arguments; lets the registry pass each method only the options it takes.
     options: ClassVar[tuple[str, ...]] = ()
+    # True: the global arrays include the base weight of every adapted module, and the downlink carries them.
+    merges_into_base: ClassVar[bool] = False
+    # Factors each client keeps from its own last round instead of taking the server's (personalisation).
+    personal_factors: ClassVar[frozenset[str]] = frozenset()
 
     def trained_factors(self, server_round: int) -> frozenset[str]:
         """Which LoRA factors (a subset of ``{"A", "B"}``) clients train in ``server_round``."""
@@ -193,10 +227,15 @@ class FederatedLoraMethod(ABC):
 
         Returns
         -------
-        The LoRA factors that are trained this round plus every key that is not a LoRA factor.
+        The LoRA factors that are trained this round plus every key that is neither a LoRA factor nor a
+        base weight.
         """
         trained = self.trained_factors(server_round)
-        return {key for key in global_keys if (factor := factor_of(key)) is None or factor in trained}
+        return {
+            key
+            for key in global_keys
+            if not is_base_weight(key) and ((factor := factor_of(key)) is None or factor in trained)
+        }
 
     def aggregate(self, global_arrays: ArrayDict, updates: Sequence[ClientUpdate], server_round: int) -> ArrayDict:
         """Combine this round's uploads into the next global arrays.
@@ -239,8 +278,9 @@ class FederatedLoraMethod(ABC):
                     f"the global array has {tuple(target.shape)}"
                 )
             arrays[key] = value.to(dtype=target.dtype, device=target.device)
-        return self._after_average(arrays, server_round)
+        return self._after_average(arrays, updates, server_round)
 
-    def _after_average(self, arrays: ArrayDict, server_round: int) -> ArrayDict:
-        """Post-process the averaged arrays; the default keeps them as they are."""
+    def _after_average(self, arrays: ArrayDict, updates: Sequence[ClientUpdate], server_round: int) -> ArrayDict:
+        """Post-process the averaged arrays (``updates`` for rules that need each client's factors); the
+        default keeps them as they are."""
         return arrays

@@ -8,11 +8,12 @@ gradient norm under DP-SGD. The rewrite is post-processing of privatised uploads
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
-from fedsvd.methods.base import B_ONLY, ArrayDict, FederatedLoraMethod, lora_pairs
+from fedsvd.methods.base import B_ONLY, ArrayDict, ClientUpdate, FederatedLoraMethod, lora_pairs
 
 
 def refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +103,7 @@ class FedSvd(FederatedLoraMethod):
             and (server_round - self.svd_warmup) % self.svd_every == 0
         )
 
-    def _after_average(self, arrays: ArrayDict, server_round: int) -> ArrayDict:
+    def _after_average(self, arrays: ArrayDict, updates: Sequence[ClientUpdate], server_round: int) -> ArrayDict:
         if not self.svd_due(server_round):
             return arrays
         for a_key, b_key in lora_pairs(arrays):
