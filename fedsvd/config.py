@@ -128,6 +128,10 @@ class ExperimentConfig:
     device: str = _key("auto", "where clients and the server compute", _one_of(*DEVICES))
     client_cpus: int = _key(2, "Ray: CPUs reserved per simulated client", _positive, "> 0")
     client_gpus: float = _key(0.0, "Ray: GPU fraction per simulated client (0 = none)", None, "in [0, 1]")
+    ray_address: str = _key(
+        "",
+        "Ray: cluster the simulation joins, e.g. '10.0.0.1:6379' ('' = $RAY_ADDRESS if set, else a private local Ray)",
+    )
     out_dir: str = _key("", "where results go ('' = results/<method>-<time>)")
 
     def __post_init__(self) -> None:

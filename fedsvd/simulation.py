@@ -4,6 +4,10 @@ This is what ``flwr run`` against a local SuperLink does, done so that nothing o
 SuperLink on a free loopback port, with its own FLWR_HOME and runtime dependency installation off, then
 ``flwr run --stream``; finally the SuperLink's whole process group (its simulation process and Ray with
 it) is stopped. Progress lines come from the run's metrics.jsonl, Flower's own log goes to a file.
+
+Ray: the simulation joins the cluster named by the config's ``ray_address`` or by ``$RAY_ADDRESS``
+(``ray start --head`` on one machine, ``ray start --address`` on the others), and otherwise starts a private
+local Ray that goes with the run. Only the simulation's own Ray processes are stopped, never a joined cluster.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
@@ -29,7 +33,16 @@ FLOWER_LOG = "flower.log"
 SUPERLINK_START_TIMEOUT_S = 60.0
 
 
-def flower_environment(flwr_home: Path) -> dict[str, str]:
+def ray_address(cfg: ExperimentConfig, environ: Mapping[str, str]) -> str:
+    """The Ray cluster the simulation runs on: the config's, else $RAY_ADDRESS, else 'local'.
+
+    'local' makes Ray start a private instance even when another one was started on this machine with
+    ``ray start`` (a plain ``ray.init()`` would silently join the latest such cluster).
+    """
+    return cfg.ray_address or environ.get("RAY_ADDRESS") or "local"
+
+
+def flower_environment(flwr_home: Path, cfg: ExperimentConfig) -> dict[str, str]:
     env = dict(os.environ)
     # Flower starts its helpers (flower-superexec, flwr-simulation) by name: find this venv's first.
     scripts = str(Path(sys.executable).parent)
@@ -42,6 +55,8 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
         FLWR_TELEMETRY_ENABLED="0",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        # Flower's Ray backend calls ray.init() without an address: Ray reads it from here.
+        RAY_ADDRESS=ray_address(cfg, env),
     )
     return env
 
@@ -64,7 +79,7 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None
     raise RuntimeError(f"flower-superlink did not open port {port} within {timeout:.0f}s")
 
 
-def _stop_tree(process: subprocess.Popen) -> None:
+def stop_process_tree(process: subprocess.Popen) -> None:
     """Stop a process and every process it started, detached ones included.
 
     Flower starts SuperExec and the simulation runtime in sessions of their own, and Ray starts its
@@ -119,7 +134,7 @@ def run_simulation(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], 
         )
         run_config = flwr_home / "run-config.toml"
         run_config.write_text(cfg.replace(out_dir=str(out_dir)).to_toml())
-        env = flower_environment(flwr_home)
+        env = flower_environment(flwr_home, cfg)
         federation = (
             f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cfg.client_cpus} "
             f"client-resources-num-gpus={cfg.client_gpus}"
@@ -172,6 +187,6 @@ def run_simulation(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], 
                 follower.poll()
             finally:
                 if client is not None:
-                    _stop_tree(client)
-                _stop_tree(superlink)
+                    stop_process_tree(client)
+                stop_process_tree(superlink)
     return (out_dir / SUMMARY_JSON).exists()
