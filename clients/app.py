@@ -4,7 +4,8 @@ The base model, the tokenizer and this client's tokenised partition are cached p
 (a long-lived Ray actor in simulation, the SuperNode's ClientApp process in deployment): a round only
 writes the server's arrays into the cached model. The privacy ledger lives in ``context.state`` so that
 epsilon accumulates over every round this client actually trains; so do the factors a personalised method
-(FedSA-LoRA) keeps for this client alone.
+(FedSA-LoRA) keeps for this client alone. In deployment the node config says where the owner's data and
+the node's saved state live (see ``clients.node``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
+from clients.node import NodeSettings, client_data, node_settings, persist_node_state
 from clients.trainer import DpSgdSettings, train_local
 from fedsvd.config import ExperimentConfig
 from fedsvd.data import tokenize
-from fedsvd.federation import ClientPlan, client_plan, data_for
+from fedsvd.federation import ClientPlan, client_plan
 from fedsvd.methods import METHODS
 from fedsvd.methods.base import factor_of
 from fedsvd.model import (
@@ -37,7 +39,7 @@ from fedsvd.privacy import PrivacyLedger, epsilon_of
 PRIVACY_STATE_KEY = "privacy-ledger"
 PERSONAL_STATE_KEY = "personal-arrays"
 
-app = ClientApp()
+app = ClientApp(mods=[persist_node_state])
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,17 +50,24 @@ def _cached_model(run_id: int, cfg: ExperimentConfig, num_labels: int) -> PeftMo
 
 
 @functools.cache
-def _cached_tokens(cfg: ExperimentConfig, partition_id: int, held_out: bool = False) -> dict[str, torch.Tensor]:
-    data = data_for(cfg)
-    part = data.local_eval[partition_id] if held_out else data.partitions[partition_id]
+def _cached_tokens(
+    cfg: ExperimentConfig, node: NodeSettings, num_labels: int, held_out: bool = False
+) -> dict[str, torch.Tensor]:
+    data = client_data(cfg, node, num_labels)
+    part = data.local_eval if held_out else data.train
     if part is None:
         raise ValueError("per-client evaluation was requested but local_eval_fraction = 0")
     return tokenize(part, load_tokenizer(cfg.model), cfg.max_length)
 
 
+def _num_labels(msg: Message) -> int:
+    # The server's class count: an owner's own file may not contain every class.
+    return int(msg.content["config"]["num-labels"])  # type: ignore[arg-type]
+
+
 def _model_with_round_arrays(cfg: ExperimentConfig, msg: Message, context: Context) -> PeftModel:
     """The cached model holding the server's arrays, except for the factors this client keeps as its own."""
-    model = _cached_model(context.run_id, cfg, data_for(cfg).num_labels)
+    model = _cached_model(context.run_id, cfg, _num_labels(msg))
     arrays = msg.content["arrays"].to_torch_state_dict()
     if PERSONAL_STATE_KEY in context.state:
         arrays.update(context.state[PERSONAL_STATE_KEY].to_torch_state_dict())  # type: ignore[union-attr]
@@ -73,17 +82,16 @@ def _keep_personal_factors(cfg: ExperimentConfig, model: PeftModel, context: Con
         context.state[PERSONAL_STATE_KEY] = ArrayRecord(own)
 
 
-def _identity(context: Context) -> tuple[ExperimentConfig, int]:
-    """This node's config and partition; the partition count must match the config's client count."""
+def _identity(context: Context) -> tuple[ExperimentConfig, NodeSettings]:
+    """This node's config and settings; the partition count must match the config's client count."""
     cfg = ExperimentConfig.from_mapping(context.run_config, source="run config")
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
-    if num_partitions != cfg.num_clients:
+    node = node_settings(context.node_config)
+    if node.num_partitions != cfg.num_clients:
         raise ValueError(
-            f"node has num-partitions = {num_partitions} but num_clients = {cfg.num_clients}: "
+            f"node has num-partitions = {node.num_partitions} but num_clients = {cfg.num_clients}: "
             "start as many SuperNodes as the config has clients"
         )
-    return cfg, partition_id
+    return cfg, node
 
 
 def _round_seed(cfg: ExperimentConfig, partition_id: int, server_round: int) -> int:
@@ -93,22 +101,26 @@ def _round_seed(cfg: ExperimentConfig, partition_id: int, server_round: int) -> 
 
 @app.query()
 def describe(msg: Message, context: Context) -> Message:
-    """Tell the server who this node is, so that it samples clients by partition, reproducibly."""
-    cfg, partition_id = _identity(context)
-    num_examples = len(data_for(cfg).partitions[partition_id])
-    metrics = MetricRecord({"partition-id": partition_id, "num-examples": num_examples})
+    """Tell the server who this node is, so that it samples clients by partition, reproducibly, and how much
+    data it holds (with its own data file, the server plans this client's noise from that size)."""
+    cfg, node = _identity(context)
+    num_examples = len(client_data(cfg, node, _num_labels(msg)).train)
+    metrics = MetricRecord(
+        {"partition-id": node.partition_id, "num-examples": num_examples, "own-data": int(node.data_file is not None)}
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, partition_id = _identity(context)
+    cfg, node = _identity(context)
+    partition_id = node.partition_id
     server_round = int(msg.content["config"]["server-round"])
     train_keys = [str(key) for key in msg.content["config"]["train-keys"]]  # type: ignore[union-attr]
 
     model = _model_with_round_arrays(cfg, msg, context)
     set_trainable(model, train_keys, cfg.train_head)
-    tokens = _cached_tokens(cfg, partition_id)
+    tokens = _cached_tokens(cfg, node, _num_labels(msg))
     plan = client_plan(cfg, partition_id, len(tokens["labels"]))
 
     ledger = _load_ledger(context, cfg)
@@ -148,9 +160,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_locally(msg: Message, context: Context) -> Message:
     """Score the round's global adapter (with this client's own factors, if it keeps any) on the client's
     held-out slice, which it never trains on."""
-    cfg, partition_id = _identity(context)
+    cfg, node = _identity(context)
     model = _model_with_round_arrays(cfg, msg, context)
-    tokens = _cached_tokens(cfg, partition_id, held_out=True)
+    tokens = _cached_tokens(cfg, node, _num_labels(msg), held_out=True)
     accuracy, loss = evaluate(model, tokens, resolve_device(cfg.device))
     metrics = MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": len(tokens["labels"])})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

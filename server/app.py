@@ -1,7 +1,9 @@
 """Flower ServerApp: runs one federated LoRA experiment and records every round.
 
 The same app serves simulation (``fedsvd run`` / ``flwr run`` on the Ray backend) and deployment
-(SuperLink + SuperNodes): only the launcher differs.
+(SuperLink + SuperNodes): only the launcher differs. The server evaluates on the held-out split of the run
+config's ``dataset``. Clients train on their partition of that dataset, or, in deployment, on a data file of
+their own (see ``clients.node``); those are planned from the size they report.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from datetime import datetime
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsvd.config import ExperimentConfig
 from fedsvd.data import tokenize
-from fedsvd.federation import data_for, plan_federation
+from fedsvd.federation import ClientPlan, client_plan, data_for
 from fedsvd.methods import build_method
 from fedsvd.model import build_lora_model, evaluate, get_arrays, load_tokenizer, resolve_device, set_arrays
 from fedsvd.privacy import ServerPrivacyLedger
@@ -39,16 +41,23 @@ def results_dir(cfg: ExperimentConfig) -> Path:
     return Path("results", f"{cfg.method}-{stamp}").resolve()
 
 
-def discover_clients(grid: Grid, num_clients: int) -> tuple[dict[int, int], dict[int, int]]:
-    """Ask every node for its partition id and size: node ids are not stable across runs, partitions are."""
+def discover_clients(
+    grid: Grid, num_clients: int, task: ConfigRecord
+) -> tuple[dict[int, int], dict[int, int], set[int]]:
+    """Ask every node for its partition id and size: node ids are not stable across runs, partitions are.
+
+    Returns the node of each partition, each partition's size and the partitions whose owner trains on a
+    data file of its own rather than on its partition of the config's dataset.
+    """
     deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
     while len(node_ids := list(grid.get_node_ids())) < num_clients:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(node_ids)} of {num_clients} clients connected")
         time.sleep(1.0)
-    queries = [Message(RecordDict(), node, MessageType.QUERY) for node in node_ids]
+    queries = [Message(RecordDict({"config": task}), node, MessageType.QUERY) for node in node_ids]
     nodes: dict[int, int] = {}
     sizes: dict[int, int] = {}
+    own_data: set[int] = set()
     for reply in grid.send_and_receive(queries, timeout=DISCOVERY_TIMEOUT_S):
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
@@ -58,9 +67,26 @@ def discover_clients(grid: Grid, num_clients: int) -> tuple[dict[int, int], dict
             raise RuntimeError(f"two nodes claim partition {partition}")
         nodes[partition] = reply.metadata.src_node_id
         sizes[partition] = int(metrics["num-examples"])
+        if metrics.get("own-data"):
+            own_data.add(partition)
     if sorted(nodes) != list(range(num_clients)):
         raise RuntimeError(f"expected partitions 0..{num_clients - 1}, got {sorted(nodes)}")
-    return nodes, sizes
+    return nodes, sizes, own_data
+
+
+def plan_clients(cfg: ExperimentConfig, sizes: dict[int, int], own_data: set[int]) -> dict[int, ClientPlan]:
+    """Every client's DP-SGD plan, from the sizes the clients report.
+
+    A client that trains on its partition of the config's dataset must report the size the server derives from
+    the config: another size means it sees other data than planned. A data owner's own file is known only to
+    its owner, so its reported size is what the noise is calibrated for (the client calibrates from the same
+    size, and the server's ledger then checks every epsilon it reports).
+    """
+    partitions = data_for(cfg).partitions
+    mismatched = {p: (n, len(partitions[p])) for p, n in sizes.items() if p not in own_data and n != len(partitions[p])}
+    if mismatched:
+        raise RuntimeError(f"clients report other partition sizes than planned (got, planned): {mismatched}")
+    return {p: client_plan(cfg, p, n) for p, n in sorted(sizes.items())}
 
 
 def majority_accuracy(labels: Sequence[int]) -> float:
@@ -76,7 +102,8 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedsvd: %s on %s, %d clients, results in %s", cfg.method, cfg.dataset, cfg.num_clients, out_dir)
 
     data = data_for(cfg)
-    plans = {plan.partition_id: plan for plan in plan_federation(cfg)}
+    # Sent with every message: a data owner's own file need not contain every class.
+    task = ConfigRecord({"num-labels": data.num_labels})
     method = build_method(
         cfg.method,
         svd_every=cfg.svd_every,
@@ -91,10 +118,8 @@ def main(grid: Grid, context: Context) -> None:
     model.to(device)
     held_out = tokenize(data.held_out, load_tokenizer(cfg.model), cfg.max_length)
 
-    nodes, sizes = discover_clients(grid, cfg.num_clients)
-    mismatched = {p: (sizes[p], plans[p].num_examples) for p in sizes if sizes[p] != plans[p].num_examples}
-    if mismatched:
-        raise RuntimeError(f"clients report other partition sizes than planned (got, planned): {mismatched}")
+    nodes, sizes, own_data = discover_clients(grid, cfg.num_clients, task)
+    plans = plan_clients(cfg, sizes, own_data)
     ledger = None
     if cfg.dp:
         planned = {p: (plan.noise_multiplier, plan.sample_rate) for p, plan in plans.items()}
@@ -150,7 +175,9 @@ def main(grid: Grid, context: Context) -> None:
     initial = ArrayRecord(get_arrays(model, cfg.train_head, base_weights=method.merges_into_base))
     stopped_early = None
     try:
-        strategy.start(grid, initial, num_rounds=cfg.rounds, evaluate_fn=evaluate_round)
+        strategy.start(
+            grid, initial, num_rounds=cfg.rounds, train_config=task, evaluate_config=task, evaluate_fn=evaluate_round
+        )
     except BudgetExhausted as stop:
         stopped_early = str(stop)
         log(WARNING, "fedsvd: stopping: %s; results up to round %d are kept", stop, latest["round"])
