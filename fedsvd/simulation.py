@@ -79,16 +79,17 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None
     raise RuntimeError(f"flower-superlink did not open port {port} within {timeout:.0f}s")
 
 
-def stop_process_tree(process: subprocess.Popen) -> None:
-    """Stop a process and every process it started, detached ones included.
+def stop_process_trees(*processes: subprocess.Popen) -> None:
+    """Stop processes and every process they started, detached ones included, all at once.
 
     Flower starts SuperExec and the simulation runtime in sessions of their own, and Ray starts its
-    daemons below those, so a process-group kill is not enough: the whole tree is collected first.
+    daemons below those, so a process-group kill is not enough: the whole trees are collected first.
     """
-    try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
+    tree: list[psutil.Process] = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            parent = psutil.Process(process.pid)
+            tree += [parent, *parent.children(recursive=True)]
     for member in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.terminate()
@@ -97,7 +98,8 @@ def stop_process_tree(process: subprocess.Popen) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()
     psutil.wait_procs(alive, timeout=5)
-    process.wait()
+    for process in processes:
+        process.wait()
 
 
 class _ProgressFollower:
@@ -186,7 +188,5 @@ def run_simulation(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], 
                     time.sleep(0.5)
                 follower.poll()
             finally:
-                if client is not None:
-                    stop_process_tree(client)
-                stop_process_tree(superlink)
+                stop_process_trees(superlink, *([client] if client is not None else []))
     return (out_dir / SUMMARY_JSON).exists()

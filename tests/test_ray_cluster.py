@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from fedsvd.config import ExperimentConfig
-from fedsvd.simulation import ray_address, stop_process_tree
+from fedsvd.simulation import ray_address, stop_process_trees
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -78,7 +78,7 @@ def ray_head(temp_dir: Path) -> Iterator[tuple[str, subprocess.Popen]]:
             time.sleep(0.5)
         yield f"127.0.0.1:{gcs}", head
     finally:
-        stop_process_tree(head)
+        stop_process_trees(head)
 
 
 def test_ray_address_comes_from_the_config_then_the_environment_then_a_private_local_ray() -> None:
