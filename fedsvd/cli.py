@@ -1,8 +1,14 @@
-"""``fedsvd run``: launch a simulated federation from a config, with a live line per round."""
+"""The ``fedsvd`` command: run one simulated federation, compare runs over seeds, report, plan privacy.
+
+Every command validates its whole input first: a bad config, comparison file, dataset or model is one
+line on stderr naming the key or file, exit code 2, and nothing written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import signal
 import sys
 import time
@@ -10,12 +16,15 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from fedsvd.config import ConfigError, ExperimentConfig, load_config
-from fedsvd.data import DataError
-from fedsvd.federation import plan_federation
+from fedsvd.compare import Comparison, load_comparison, run_dir
+from fedsvd.config import ConfigError, ExperimentConfig, load_config, read_toml
+from fedsvd.data import HUB_TASKS, DataError
+from fedsvd.federation import ClientPlan, plan_federation
 from fedsvd.model import ModelError, check_model
-from fedsvd.privacy import PrivacyConfigError
+from fedsvd.privacy import PrivacyConfigError, epsilon_of
 from fedsvd.results import SUMMARY_JSON, has_results, progress_line, read_metrics
+
+USER_ERRORS = (ConfigError, DataError, ModelError, PrivacyConfigError)
 
 EXIT_USAGE = 2
 
@@ -60,7 +69,7 @@ def command_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out {str(out_dir)!r} already holds results; choose another directory")
         print(f"fedsvd run: {cfg.method} on {cfg.dataset}, model {cfg.model}, {cfg.rounds} rounds -> {out_dir}")
         preflight(cfg)
-    except (ConfigError, DataError, ModelError, PrivacyConfigError) as err:
+    except USER_ERRORS as err:
         return _fail(str(err))
 
     # A plain SIGTERM would skip the clean-up that stops the SuperLink, SuperExec and Ray: exit through it.
@@ -81,6 +90,161 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _check_comparison_dir(out_dir: Path, comparison: Comparison, resume: bool) -> None:
+    """Refuse to mix results: a new comparison needs an empty directory, a resumed one the same runs."""
+    from fedsvd.report import COMPARISON_JSON
+
+    record_path = out_dir / COMPARISON_JSON
+    if record_path.is_file():
+        if not resume:
+            raise ConfigError(f"--out {str(out_dir)!r} already holds a comparison; pass --resume to continue it")
+        stored, current = json.loads(record_path.read_text()), comparison.to_record()
+        if (stored["base"], stored["runs"]) != (current["base"], current["runs"]):
+            raise ConfigError(
+                f"--out {str(out_dir)!r} holds a comparison with other settings or runs; choose another directory"
+            )
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"--out {str(out_dir)!r} is not empty and holds no comparison; choose another directory")
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    from fedsvd.report import COMPARISON_JSON, SUMMARY_MD, render
+    from fedsvd.simulation import run_simulation
+
+    try:
+        comparison = load_comparison(args.config, args.seeds)
+        out_dir = Path(args.out or Path("results", f"compare-{Path(args.config).stem}-{_stamp()}")).resolve()
+        _check_comparison_dir(out_dir, comparison, args.resume)
+        jobs = [(run, seed, comparison.config(run, seed)) for seed in comparison.seeds for run in comparison.runs]
+        for model in sorted({cfg.model for _, _, cfg in jobs}):
+            check_model(model)
+        for _, _, cfg in jobs:
+            plan_federation(cfg)  # data, partitions and every client's delta / noise plan
+    except USER_ERRORS as err:
+        return _fail(str(err))
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / COMPARISON_JSON).write_text(json.dumps(comparison.to_record(), indent=2) + "\n")
+    print(
+        f"fedsvd compare: {len(comparison.runs)} runs x {len(comparison.seeds)} seeds "
+        f"({', '.join(run.name for run in comparison.runs)}) -> {out_dir}"
+    )
+    failed: list[str] = []
+    for index, (run, seed, cfg) in enumerate(jobs, start=1):
+        directory = run_dir(out_dir, run.name, seed)
+        label = f"[{index}/{len(jobs)}] {run.name} seed {seed}"
+        if (directory / SUMMARY_JSON).is_file():
+            print(f"{label}: done earlier, skipped")
+            continue
+        if directory.exists():
+            # An interrupted attempt: keep its files for inspection, start this one clean.
+            directory.rename(directory.with_name(f"{directory.name}.incomplete-{_stamp()}"))
+        print(f"{label}: {cfg.method}, {cfg.rounds} rounds", flush=True)
+        try:
+            finished = run_simulation(
+                cfg.replace(out_dir=str(directory)),
+                directory,
+                lambda row, prefix=f"  {run.name} s{seed} | ": print(prefix + progress_line(row), flush=True),
+            )
+        except (OSError, RuntimeError) as err:
+            print(f"{label}: could not run: {err}", file=sys.stderr)
+            finished = False
+        if not finished:
+            failed.append(f"{run.name} seed {seed}")
+            print(f"{label}: FAILED; see {directory / 'flower.log'}; the other runs go on", file=sys.stderr)
+        render(out_dir)  # the table and plots always reflect every run finished so far
+    print((out_dir / SUMMARY_MD).read_text())
+    print(f"summary.csv, summary.md and plots in {out_dir}")
+    if failed:
+        print(f"fedsvd compare: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from fedsvd.report import SUMMARY_MD, render
+
+    out_dir = Path(args.dir).expanduser().resolve()
+    try:
+        lines, plots = render(out_dir)
+    except FileNotFoundError as err:
+        return _fail(str(err))
+    print((out_dir / SUMMARY_MD).read_text())
+    print("plots: " + ", ".join(str(path) for path in plots))
+    missing = [line["run"] for line in lines if not line["final_accuracy_mean"]]
+    if missing:
+        print(f"no finished seed yet for: {', '.join(missing)}")
+    return 0
+
+
+def _projected_epsilons(cfg: ExperimentConfig, plan: ClientPlan, checkpoints: Sequence[int]) -> list[float]:
+    """Cumulative epsilon after each checkpoint round, if the client trains as often as its noise was planned
+    for (every round, or rounds x fraction of them under 'expected' planning)."""
+    rate = 1.0 if cfg.planned_participation == "every_round" else cfg.fraction
+    return [
+        epsilon_of(
+            [(plan.noise_multiplier, plan.sample_rate, math.ceil(r * rate) * cfg.local_steps)],
+            cfg.delta,
+            cfg.accountant,
+        )
+        for r in checkpoints
+    ]
+
+
+def print_plan(cfg: ExperimentConfig, title: str) -> None:
+    try:
+        plans = plan_federation(cfg)
+    except DataError:
+        if cfg.dataset not in HUB_TASKS:
+            raise
+        # Partition sizes depend only on the class counts and the seed: the plan is exact without the data.
+        plans = plan_federation(cfg, from_label_counts=True)
+        print(f"note: {cfg.dataset}'s data is not available here; client sizes come from its published label counts")
+    checkpoints = sorted({max(1, math.ceil(cfg.rounds * tenth / 10)) for tenth in range(1, 11)})
+    print(
+        f"{title}: {cfg.dataset}, {cfg.num_clients} clients ({cfg.partition}), {cfg.clients_per_round} per round, "
+        f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch {cfg.batch_size}"
+    )
+    if not cfg.dp:
+        print("dp = false: no clipping, no noise, no privacy guarantee")
+    else:
+        print(
+            f"DP-SGD: target eps {cfg.epsilon:g} at delta {cfg.delta:g} ({cfg.accountant}), clip {cfg.clip_norm:g}, "
+            f"noise planned for {plans[0].planned_steps} steps ({cfg.planned_participation})"
+        )
+    header = f"{'client':>6} {'examples':>9} {'rate q':>8} {'sigma':>7} {'steps':>6} | eps after round:"
+    print(header + "".join(f" {r:>6}" for r in checkpoints))
+    for plan in plans:
+        epsilons = _projected_epsilons(cfg, plan, checkpoints) if cfg.dp else []
+        print(
+            f"{plan.partition_id:>6} {plan.num_examples:>9} {plan.sample_rate:>8.4f} {plan.noise_multiplier:>7.3f} "
+            f"{plan.planned_steps:>6} |{'':>16}" + "".join(f" {eps:>6.3f}" for eps in epsilons)
+        )
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    try:
+        if "runs" in read_toml(args.config):
+            comparison = load_comparison(args.config)
+            # Runs that share every privacy-relevant setting share one plan: print each distinct plan once.
+            groups: dict[ExperimentConfig, list[str]] = {}
+            for run in comparison.runs:
+                cfg = comparison.config(run, comparison.seeds[0])
+                groups.setdefault(cfg.replace(method="fedsvd", svd_every=1, svd_warmup=0), []).append(run.name)
+            for cfg, names in groups.items():
+                print_plan(cfg, f"{args.config} (runs {', '.join(names)})")
+        else:
+            print_plan(load_config(args.config, args.set or ()), args.config)
+    except USER_ERRORS as err:
+        return _fail(str(err))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsvd", description="Federated DP fine-tuning of LoRA adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
     run.add_argument("--out", help="results directory (default: results/<method>-<time>)")
     run.set_defaults(handler=command_run)
+
+    compare = commands.add_parser("compare", help="run every (run, seed) of a comparison file, then summarise")
+    compare.add_argument("config", help="TOML comparison file (base, seeds, [settings], [[runs]])")
+    compare.add_argument("--out", help="results directory (default: results/compare-<name>-<time>)")
+    compare.add_argument("--seeds", type=int, help="number of seeds (overrides the file's 'seeds')")
+    compare.add_argument("--resume", action="store_true", help="continue in --out, skipping finished runs")
+    compare.set_defaults(handler=command_compare)
+
+    report = commands.add_parser("report", help="re-render summary.csv/.md and the plots of a comparison")
+    report.add_argument("dir", help="a directory written by fedsvd compare")
+    report.set_defaults(handler=command_report)
+
+    plan = commands.add_parser("plan", help="print every client's DP plan and projected epsilon, without training")
+    plan.add_argument("config", help="a run config or a comparison file")
+    plan.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    plan.set_defaults(handler=command_plan)
     return parser
 
 

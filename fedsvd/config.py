@@ -94,7 +94,12 @@ class ExperimentConfig:
         "offline from $FEDSVD_HF_DATA_DIR) or a .csv / .jsonl file with text and label",
     )
     max_length: int = _key(64, "tokens per example (truncate / pad)", _positive, "> 0")
-    eval_fraction: float = _key(0.1, "share of the data held out for the server's evaluation", None, "in (0, 1)")
+    eval_fraction: float = _key(
+        0.1,
+        "share of the data held out for the server's evaluation (hub tasks use their validation split)",
+        None,
+        "in (0, 1)",
+    )
     local_eval_fraction: float = _key(
         0.0,
         "share of each client's partition held out for per-client evaluation every round (0 = none; "

@@ -277,6 +277,9 @@ class HubTask:
         Labelled split that GLUE and SNLI results are reported on (GLUE hides its test labels).
     label_column : str
         Column with class ids; rows whose label is -1 (no gold label) are dropped.
+    train_label_counts : tuple of int
+        Published size of each class in the labelled train split. Partition sizes depend only on these counts
+        and the seed, so ``fedsvd plan`` can show a task's privacy plan before its data is downloaded.
     """
 
     name: str
@@ -284,6 +287,7 @@ class HubTask:
     config: str
     text_columns: tuple[str] | tuple[str, str]
     num_labels: int
+    train_label_counts: tuple[int, ...] = ()
     train_split: str = "train"
     eval_split: str = "validation"
     label_column: str = "label"
@@ -294,16 +298,26 @@ class HubTask:
 
 
 _GLUE = "nyu-mll/glue"
+_MNLI_COUNTS = (130_899, 130_900, 130_903)
 HUB_TASKS: dict[str, HubTask] = {
     task.name: task
     for task in (
-        HubTask("sst2", _GLUE, "sst2", ("sentence",), 2),
-        HubTask("qnli", _GLUE, "qnli", ("question", "sentence"), 2),
-        HubTask("qqp", _GLUE, "qqp", ("question1", "question2"), 2),
+        HubTask("sst2", _GLUE, "sst2", ("sentence",), 2, (29_780, 37_569)),
+        HubTask("qnli", _GLUE, "qnli", ("question", "sentence"), 2, (52_366, 52_377)),
+        HubTask("qqp", _GLUE, "qqp", ("question1", "question2"), 2, (229_468, 134_378)),
         # MNLI has one training set; matched and mismatched only differ in the genres of their evaluation split.
-        HubTask("mnli", _GLUE, "mnli", ("premise", "hypothesis"), 3, eval_split="validation_matched"),
-        HubTask("mnli_mismatched", _GLUE, "mnli", ("premise", "hypothesis"), 3, eval_split="validation_mismatched"),
-        HubTask("snli", "stanfordnlp/snli", "plain_text", ("premise", "hypothesis"), 3),
+        HubTask("mnli", _GLUE, "mnli", ("premise", "hypothesis"), 3, _MNLI_COUNTS, eval_split="validation_matched"),
+        HubTask(
+            "mnli_mismatched",
+            _GLUE,
+            "mnli",
+            ("premise", "hypothesis"),
+            3,
+            _MNLI_COUNTS,
+            eval_split="validation_mismatched",
+        ),
+        # 550,152 pairs, 785 of them without a gold label (dropped).
+        HubTask("snli", "stanfordnlp/snli", "plain_text", ("premise", "hypothesis"), 3, (183_416, 182_764, 183_187)),
     )
 }
 KNOWN_DATASETS: tuple[str, ...] = ("rotten_tomatoes", *HUB_TASKS)

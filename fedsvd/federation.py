@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedsvd.config import ExperimentConfig
-from fedsvd.data import TextDataset, held_out_split, load_texts, partition_indices, subset
+from fedsvd.data import HUB_TASKS, TextDataset, held_out_split, load_texts, partition_indices, subset
 from fedsvd.privacy import calibrate_noise_multiplier, check_delta, sample_rate_for
 
 
@@ -45,18 +45,15 @@ class ClientPlan:
     planned_steps: int
 
 
-@functools.lru_cache(maxsize=4)
-def federation_data(
-    dataset: str,
-    eval_fraction: float,
+def _split_federation(
+    train: TextDataset,
+    held_out: TextDataset,
     num_clients: int,
     partition: str,
     dirichlet_alpha: float,
     seed: int,
-    local_eval_fraction: float = 0.0,
+    local_eval_fraction: float,
 ) -> FederationData:
-    """Load, split and partition once per process (the server and each Ray worker call this every round)."""
-    train, held_out = held_out_split(load_texts(dataset), eval_fraction, seed)
     parts = [
         subset(train, indices)
         for indices in partition_indices(train.labels, num_clients, partition, dirichlet_alpha, seed)
@@ -69,6 +66,46 @@ def federation_data(
         for pid, part in enumerate(parts)
     ]
     return FederationData(tuple(part for part, _ in splits), tuple(local for _, local in splits), held_out)
+
+
+@functools.lru_cache(maxsize=4)
+def federation_data(
+    dataset: str,
+    eval_fraction: float,
+    num_clients: int,
+    partition: str,
+    dirichlet_alpha: float,
+    seed: int,
+    local_eval_fraction: float = 0.0,
+) -> FederationData:
+    """Load, split and partition once per process (the server and each Ray worker call this every round).
+
+    Hub tasks (GLUE, SNLI) keep their published splits: clients share the train split and the server
+    evaluates on the validation split, which is what their results are reported on. Other data is split
+    into ``eval_fraction`` held out and the rest for the clients.
+    """
+    if dataset in HUB_TASKS:
+        train, held_out = load_texts(dataset), load_texts(dataset, split="eval")
+    else:
+        train, held_out = held_out_split(load_texts(dataset), eval_fraction, seed)
+    return _split_federation(train, held_out, num_clients, partition, dirichlet_alpha, seed, local_eval_fraction)
+
+
+@functools.lru_cache(maxsize=4)
+def federation_shape_from_label_counts(
+    dataset: str, num_clients: int, partition: str, dirichlet_alpha: float, seed: int, local_eval_fraction: float
+) -> FederationData:
+    """The federation of a hub task built from its published train label counts instead of its data.
+
+    Partitions and held-out slices are drawn per class, so their sizes depend only on the class counts and
+    the seed, never on the texts or their order: the result has the exact sizes (and label mix) of the real
+    federation, with empty texts. It lets ``fedsvd plan`` run before the data is downloaded.
+    """
+    task = HUB_TASKS[dataset]
+    labels = tuple(label for label, count in enumerate(task.train_label_counts) for _ in range(count))
+    train = TextDataset(("",) * len(labels), labels, task.num_labels, f"{dataset} (label counts only)")
+    held_out = TextDataset(("",), (0,), task.num_labels, f"{dataset} eval (not loaded)")
+    return _split_federation(train, held_out, num_clients, partition, dirichlet_alpha, seed, local_eval_fraction)
 
 
 def data_for(cfg: ExperimentConfig) -> FederationData:
@@ -107,6 +144,15 @@ def client_plan(cfg: ExperimentConfig, partition_id: int, num_examples: int) -> 
     return ClientPlan(partition_id, num_examples, sample_rate, noise, steps)
 
 
-def plan_federation(cfg: ExperimentConfig) -> list[ClientPlan]:
-    """Every client's plan, in partition order: the pre-flight check of a run."""
-    return [client_plan(cfg, pid, len(part)) for pid, part in enumerate(data_for(cfg).partitions)]
+def plan_federation(cfg: ExperimentConfig, from_label_counts: bool = False) -> list[ClientPlan]:
+    """Every client's plan, in partition order: the pre-flight check of a run.
+
+    ``from_label_counts`` plans a hub task from its published label counts, without its data (same sizes).
+    """
+    if from_label_counts:
+        data = federation_shape_from_label_counts(
+            cfg.dataset, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed, cfg.local_eval_fraction
+        )
+    else:
+        data = data_for(cfg)
+    return [client_plan(cfg, pid, len(part)) for pid, part in enumerate(data.partitions)]

@@ -19,6 +19,7 @@ epsilon at the small sample rates of DP-SGD.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ def sample_rate_for(batch_size: int, num_examples: int) -> float:
     return min(1.0, batch_size / num_examples)
 
 
+@functools.lru_cache(maxsize=256)  # a numerical search; every method of a comparison asks for the same plans
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:

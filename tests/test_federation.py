@@ -12,6 +12,7 @@ import psutil
 import pytest
 import torch
 from dp_accounting import dp_event, rdp
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fedsvd.model import build_lora_model, get_arrays
@@ -171,3 +172,76 @@ def test_expected_participation_skips_clients_at_their_budget_and_never_exceeds_
         assert summary["rounds"] == rows[-1]["round"] < 5
     else:
         assert rows[-1]["round"] == 5
+
+
+def _comparison_file(path: Path, tiny_bert: Path, sentiment_csv: Path, methods: list[str]) -> Path:
+    settings = {
+        "model": f'"{tiny_bert}"', "dataset": f'"{sentiment_csv}"', "num_clients": CLIENTS, "local_steps": 3,
+        "delta": 1e-3, "epsilon": 4.0, "client_cpus": 1, "rounds": ROUNDS, "fraction": 0.6,
+        "local_eval_fraction": 0.1,
+    }  # fmt: skip
+    lines = ["seeds = 1", "target_accuracy = 0.5", "[settings]", *(f"{k} = {v}" for k, v in settings.items())]
+    for method in methods:
+        lines += ["[[runs]]", f'name = "{method}"', f'method = "{method}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_compare_runs_the_other_four_methods_by_their_rules(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
+) -> None:
+    """`fedsvd compare` over real simulations of FedSA-LoRA, RoLoRA, FLoRA and FedEx-LoRA, then resume and report."""
+    before = _flower_processes()
+    methods = ["fedsa", "rolora", "flora", "fedex"]
+    spec = _comparison_file(tmp_path / "compare.toml", tiny_bert, sentiment_csv, methods)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fedsvd.cli", "compare", str(spec), "--out", str(out)]
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _flower_processes() <= before, "the comparison left Flower or Ray processes behind"
+    runs = {method: out / method / "seed-0" for method in methods}
+
+    sequences = {method: [row["clients"] for row in _rows(directory)] for method, directory in runs.items()}
+    assert len({json.dumps(sequence) for sequence in sequences.values()}) == 1, sequences
+    for method, directory in runs.items():
+        rows = _rows(directory)
+        assert [row["round"] for row in rows] == list(range(ROUNDS + 1)) and not any(row["rejected"] for row in rows)
+        assert all(0 < eps <= 4.0 + 1e-6 for eps in rows[-1]["epsilon"].values()), method
+        assert all(0 <= row["local_accuracy"] <= 1 for row in rows[1:]), "every client scores its held-out slice"
+
+    initial = _initial_arrays(tiny_bert)
+    a_keys = sorted(k for k in initial if k.endswith("lora_A.weight"))
+    for method in ("fedsa", "rolora"):
+        adapter = load_file(str(runs[method] / "adapter.safetensors"))
+        assert set(adapter) == set(initial)
+        for a_key in a_keys:
+            b_key = a_key.replace("lora_A", "lora_B")
+            assert not torch.equal(adapter[a_key], initial[a_key]) and adapter[b_key].any(), method
+    pretrained = build_lora_model(str(tiny_bert), 2, 8, 8.0, ("query", "value"), seed=0, pooling="mean")
+    bases = {
+        k: v for k, v in get_arrays(pretrained, True, base_weights=True).items() if k.endswith("base_layer.weight")
+    }
+    for method in ("flora", "fedex"):
+        with safe_open(str(runs[method] / "adapter.safetensors"), "pt") as handle:
+            assert handle.metadata()["includes_base_weights"] == "true"
+        adapter = load_file(str(runs[method] / "adapter.safetensors"))
+        assert set(bases) <= set(adapter)
+        assert all(not torch.equal(adapter[k], bases[k]) for k in bases), f"{method}: updates merged into the base"
+        rows = _rows(runs[method])[1:]
+        assert all(row["bytes_down"] > 2 * row["bytes_up"] for row in rows), "the downlink carries full-rank weights"
+    flora = load_file(str(runs["flora"] / "adapter.safetensors"))
+    assert all(not flora[a_key.replace("lora_A", "lora_B")].any() for a_key in a_keys), "FLoRA restarts with B = 0"
+
+    with (out / "summary.csv").open() as handle:
+        summary = {row["run"]: row for row in csv.DictReader(handle)}
+    assert set(summary) == set(methods) and all(row["seeds_done"] == "1/1" for row in summary.values())
+    for name in ("accuracy_vs_round.png", "epsilon_vs_round.png", "accuracy_vs_uplink.png"):
+        assert (out / name).stat().st_size > 10_000
+
+    resumed = subprocess.run([*command, "--resume"], cwd=root, capture_output=True, text=True)
+    assert resumed.returncode == 0 and resumed.stdout.count("done earlier, skipped") == len(methods), resumed.stdout
+    (out / "summary.csv").unlink()
+    reported = subprocess.run([sys.executable, "-m", "fedsvd.cli", "report", str(out)], cwd=root, text=True,
+                              capture_output=True)  # fmt: skip
+    assert reported.returncode == 0 and (out / "summary.csv").is_file(), reported.stderr
