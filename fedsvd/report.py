@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 from scipy import stats
 
 from fedsvd.compare import run_dir
@@ -206,6 +207,7 @@ def plot(out_dir: Path, results: Sequence[RunResult], record: Mapping[str, Any])
     if record.get("target_accuracy"):
         axes.axhline(record["target_accuracy"], color="grey", linestyle=":", linewidth=1, label="target")
     axes.set(title=f"Held-out accuracy per round (mean and 95% CI over {seeds})", xlabel="round", ylabel="accuracy")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     written.append(_save(figure, axes, out_dir / PLOTS["accuracy"]))
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -213,6 +215,7 @@ def plot(out_dir: Path, results: Sequence[RunResult], record: Mapping[str, Any])
         rounds, means, _ = _per_round(result, "epsilon_max")
         axes.plot(rounds, means, marker="o", markersize=3, label=result.name)
     axes.set(title="Largest cumulative ε of any client", xlabel="round", ylabel="max ε (cumulative)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     written.append(_save(figure, axes, out_dir / PLOTS["epsilon"]))
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
