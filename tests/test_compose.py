@@ -1,4 +1,5 @@
-"""The compose files, checked without a Docker engine: images, commands, ports, volumes, networks and TLS flags.
+"""The compose files, checked without a Docker engine: images, commands, ports, volumes, networks, TLS and
+authentication flags, and the key files that docker/'s scripts write.
 
 `loopback_commands` turns the compose services into the processes that tests/test_deployment.py starts on
 127.0.0.1, so the deployment test runs exactly what the containers would run and the two cannot drift apart.
@@ -6,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import subprocess
@@ -33,7 +35,13 @@ BASE, TLS, GPU = DOCKER / "compose.yml", DOCKER / "compose.tls.yml", DOCKER / "c
 DOCKERFILE = DOCKER / "superexec.Dockerfile"
 OWNERS = 3
 TLS_FLAGS = {"--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--root-certificates"}
+SECRET_FLAG = "--superexec-auth-secret-file"
+AUTH_FLAGS = {"--auth-supernode-private-key", SECRET_FLAG}
 SECRETS_DIR = "/run/secrets/"
+# Flower's official images run as the user `app`, uid 49999: the owner the scripts give every private file to.
+CONTAINER_UID = 49999
+# The certificates among the files the TLS variant mounts; every other one (and ca.key) is private.
+PUBLIC_SECRETS = {"ca.crt", "server.pem"}
 # Flower's official images start these; the SuperExec image names its entry point in its Dockerfile.
 IMAGE_ENTRYPOINTS = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode"}
 
@@ -143,6 +151,52 @@ def _node_config(command: list[str]) -> dict[str, Any]:
     return parse_config_args([option(command, "--node-config")])
 
 
+def _owner(service: str) -> int | None:
+    """The data owner a service belongs to (supernode-<i>, superexec-clientapp-<i>); None for the operator's."""
+    match = re.fullmatch(r"(?:supernode|superexec-clientapp)-(\d+)", service)
+    return int(match.group(1)) if match else None
+
+
+def _members(compose: Mapping[str, Any]) -> dict[str, set[str]]:
+    """Network -> the services attached to it."""
+    return {
+        network: {name for name, service in compose["services"].items() if network in service.get("networks", [])}
+        for network in compose["networks"]
+    }
+
+
+def script_file_owner() -> int:
+    """Whom docker/'s scripts give the private files to when run by these tests (see `run_script`)."""
+    return CONTAINER_UID if os.getuid() == 0 else os.getuid()
+
+
+def run_script(script: str, *args: str | Path) -> None:
+    """Run generate-certs.sh or generate-keys.sh as the tests' user can: as root with the default owner (the
+    images' uid), as anyone else with their own uid, since only root may give files away (the scripts refuse)."""
+    env = {key: value for key, value in os.environ.items() if key != "FEDSVD_CONTAINER_UID"}
+    if os.getuid() != 0:
+        env["FEDSVD_CONTAINER_UID"] = str(os.getuid())
+    subprocess.run([DOCKER / script, *map(str, args)], check=True, capture_output=True, env=env)
+
+
+def assert_key_file_modes(docker_dir: Path) -> None:
+    """Private keys and secrets readable by the containers' user only (0600, owned by it); certificates and
+    public keys 0644. `docker_dir` holds certs/ and keys/ as the scripts wrote them."""
+    private = [
+        (name, docker_dir / spec["file"])
+        for name, spec in load_compose(BASE, TLS)["secrets"].items()
+        if name not in PUBLIC_SECRETS
+    ]
+    public = [(name, docker_dir / "certs" / name) for name in PUBLIC_SECRETS]
+    public += [(path.name, path) for path in (docker_dir / "keys").glob("*.pub")]
+    for name, path in private:
+        assert (stat.S_IMODE(path.stat().st_mode), path.stat().st_uid) == (0o600, script_file_owner()), name
+    for name, path in public:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, name
+    # No container reads the CA's key: it stays private to whoever ran the script.
+    assert stat.S_IMODE((docker_dir / "certs" / "ca.key").stat().st_mode) == 0o600
+
+
 def test_images_are_flowers_official_ones_at_the_installed_flower_version() -> None:
     compose = load_compose(BASE)
     version = flwr.__version__
@@ -193,11 +247,13 @@ def test_every_owner_has_a_supernode_with_its_partition_and_only_its_own_data_an
         (data_dir,) = [target for target in volumes if node_config[DATA_FILE].startswith(target + "/")]
         assert f"./data/owner-{owner}:{data_dir}:ro" in services[clientapp]["volumes"]
         assert volumes[node_config[STATE_DIR]] == f"state-{owner}"
-        assert set(volumes.values()) == {f"./data/owner-{owner}", f"state-{owner}"}, "its own data and state only"
+        data_and_state = {f"./data/owner-{owner}", f"state-{owner}"}
+        own = data_and_state | {f"./keys/superexec-clientapp-{owner}.secret"}  # the secret with compose.tls.yml
+        assert data_and_state <= set(volumes.values()) <= own, "its own data, state and secret only"
         # The ClientApp sits on its owner's internal network: it reaches its SuperNode and nothing else.
         assert services[clientapp]["networks"] == [f"owner-{owner}"]
         assert compose["networks"][f"owner-{owner}"] == {"internal": True}
-        assert set(services[name]["networks"]) == {"federation", f"owner-{owner}"}
+        assert set(services[name]["networks"]) == {f"uplink-{owner}", f"owner-{owner}"}
     server_mounts = mounts(compose, "superexec-serverapp").values()
     assert not [source for source in server_mounts if source.startswith("./data")], "the server reads no owner data"
 
@@ -209,7 +265,9 @@ def test_ports_connect_each_process_to_the_right_peer(files: tuple[Path, ...]) -
     superlink = services["superlink"]["command"]
     assert option(superlink, "--port") == "8000" and option(superlink, "--host") == "0.0.0.0"
     assert option(superlink, "--isolation") == "process"
-    assert services["superlink"]["ports"] == ["8000:8000"], "SuperNodes and the flwr CLI reach the SuperLink here"
+    # SuperNodes and the flwr CLI reach the SuperLink here; published on the host's loopback unless the operator
+    # names an address (whoever reaches the port can submit runs: README, "Threat model").
+    assert services["superlink"]["ports"] == ["${SUPERLINK_BIND:-127.0.0.1}:8000:8000"]
     assert option(services["superexec-serverapp"]["command"], "--runtime-api-address") == "superlink:8000"
     for name in _services(compose, "supernode-"):
         command = services[name]["command"]
@@ -218,9 +276,33 @@ def test_ports_connect_each_process_to_the_right_peer(files: tuple[Path, ...]) -
         assert "ports" not in services[name], "a SuperNode's Runtime API stays inside its owner's network"
         runtime = option(services[clientapp_of(compose, name)]["command"], "--runtime-api-address")
         assert runtime == f"{name}:{option(command, '--port')}"
+    # Every process shares a network with the one it dials.
+    for name, service in services.items():
+        for flag in ("--superlink", "--runtime-api-address"):
+            if (address := option(service["command"], flag)) is not None:
+                peer = address.split(":")[0]
+                assert set(service["networks"]) & set(services[peer]["networks"]), f"{name} cannot reach {peer}"
 
 
-def test_tls_variant_adds_tls_and_node_authentication_and_changes_nothing_else() -> None:
+@pytest.mark.parametrize("files", [(BASE,), (BASE, TLS)], ids=["plain", "tls"])
+def test_no_network_joins_two_owners(files: tuple[Path, ...]) -> None:
+    compose = load_compose(*files)
+    members = _members(compose)
+    for network, names in members.items():
+        owners = {owner for name in names if (owner := _owner(name)) is not None}
+        assert len(owners) <= 1, f"network {network} joins the containers of owners {sorted(owners)}"
+    for owner in range(1, OWNERS + 1):
+        # An owner's SuperNode port (its Runtime API) is reachable from its own ClientApp and from the SuperLink.
+        assert members[f"owner-{owner}"] == {f"supernode-{owner}", f"superexec-clientapp-{owner}"}
+        assert members[f"uplink-{owner}"] == {"superlink", f"supernode-{owner}"}
+        assert compose["networks"][f"uplink-{owner}"] == {"internal": True}
+    # The one network with a way out (the SuperLink's published port) holds the operator's containers only.
+    open_networks = {name for name, spec in compose["networks"].items() if not (spec or {}).get("internal")}
+    assert open_networks == {"server"}
+    assert members["server"] == {"superlink", "superexec-serverapp"}
+
+
+def test_tls_variant_adds_tls_node_and_superexec_authentication_and_changes_nothing_else() -> None:
     plain, tls = load_compose(BASE), load_compose(BASE, TLS)
     secret_files = {name: spec["file"] for name, spec in tls["secrets"].items()}
     superlink = tls["services"]["superlink"]["command"]
@@ -237,24 +319,43 @@ def test_tls_variant_adds_tls_and_node_authentication_and_changes_nothing_else()
         assert option(command, "--root-certificates") == SECRETS_DIR + "ca.crt"
         key = option(command, "--auth-supernode-private-key")
         assert key == f"{SECRETS_DIR}{name}.key" and secret_files[f"{name}.key"] == f"./keys/{name}"
-        assert set(tls["services"][name]["secrets"]) == {"ca.crt", f"{name}.key"}, "each node gets only its own key"
+        assert set(tls["services"][name]["secrets"]) == {
+            "ca.crt",
+            f"{name}.key",
+            f"superexec-clientapp-{_owner(name)}.secret",
+        }, "each node gets only its own key and secret"
         keys.append(key)
     assert len(set(keys)) == OWNERS
+    # SuperExec authentication: every SuperExec signs with the secret of the process it polls, each owner's pair
+    # has its own, and no other container holds it.
+    superexecs = _services(tls, "superexec-")
+    pairs = {"superexec-serverapp": "superlink"} | {
+        f"superexec-clientapp-{i}": f"supernode-{i}" for i in range(1, OWNERS + 1)
+    }
+    assert set(pairs) == set(superexecs) and len(superexecs) == OWNERS + 1
+    for superexec, peer in pairs.items():
+        secret = f"{superexec}.secret"
+        for name in (superexec, peer):
+            assert option(tls["services"][name]["command"], SECRET_FLAG) == SECRETS_DIR + secret, name
+        holders = {name for name, service in tls["services"].items() if secret in service.get("secrets", [])}
+        assert holders == {superexec, peer}
+        directory = "certs" if peer == "superlink" else "keys"  # the operator's files, or the owner's
+        assert secret_files[secret] == f"./{directory}/{secret}"
     assert "server.key" in tls["services"]["superlink"]["secrets"]
     assert all("server.key" not in s.get("secrets", []) for n, s in tls["services"].items() if n != "superlink")
     for name, service in tls["services"].items():
         if not name.startswith("superexec-clientapp-"):  # on its owner's internal network, see compose.tls.yml
             assert "--insecure" not in service["command"], name
-        # Without the TLS arguments, every command is the plain one.
-        assert _without_tls(service["command"]) == _without_tls(plain["services"][name]["command"]), name
+        # Without the TLS and authentication arguments, every command is the plain one.
+        assert _without_security(service["command"]) == _without_security(plain["services"][name]["command"]), name
 
 
-def _without_tls(command: list[str]) -> list[str]:
+def _without_security(command: list[str]) -> list[str]:
     kept, skip = [], False
     for arg in command:
         if skip:
             skip = False
-        elif arg in TLS_FLAGS or arg == "--auth-supernode-private-key":
+        elif arg in TLS_FLAGS | AUTH_FLAGS:
             skip = True
         elif arg not in ("--insecure", "--enable-supernode-auth"):
             kept.append(arg)
@@ -264,9 +365,10 @@ def _without_tls(command: list[str]) -> list[str]:
 def test_scripts_make_every_file_the_tls_variant_mounts(tmp_path: Path) -> None:
     for script in ("generate-certs.sh", "generate-keys.sh"):
         assert (DOCKER / script).stat().st_mode & stat.S_IXUSR, f"{script} is not executable"
-    subprocess.run([DOCKER / "generate-certs.sh", tmp_path / "certs"], check=True, capture_output=True)
-    subprocess.run([DOCKER / "generate-keys.sh", str(OWNERS), tmp_path / "keys"], check=True, capture_output=True)
-    for name, spec in load_compose(BASE, TLS)["secrets"].items():
+    run_script("generate-certs.sh", tmp_path / "certs")
+    run_script("generate-keys.sh", OWNERS, tmp_path / "keys")
+    secrets = load_compose(BASE, TLS)["secrets"]
+    for name, spec in secrets.items():
         assert (tmp_path / spec["file"]).is_file(), f"secret {name}: {spec['file']} is not made by the scripts"
     certificate = x509.load_pem_x509_certificate((tmp_path / "certs" / "server.pem").read_bytes())
     authority = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.crt").read_bytes())
@@ -277,6 +379,32 @@ def test_scripts_make_every_file_the_tls_variant_mounts(tmp_path: Path) -> None:
     assert "127.0.0.1" in {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
     for i in range(1, OWNERS + 1):
         assert (tmp_path / "keys" / f"supernode-{i}.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert_key_file_modes(tmp_path)
+    auth_secrets = {name: (tmp_path / spec["file"]).read_bytes() for name, spec in secrets.items() if ".secret" in name}
+    assert len(auth_secrets) == OWNERS + 1 and len(set(auth_secrets.values())) == OWNERS + 1, "one secret per pair"
+    assert all(re.fullmatch(rb"[0-9a-f]{64}\n", secret) for secret in auth_secrets.values()), "256 random bits"
+
+
+def test_scripts_run_again_keep_keys_and_secrets_and_close_up_files_left_open(tmp_path: Path) -> None:
+    run_script("generate-certs.sh", tmp_path / "certs")
+    run_script("generate-keys.sh", OWNERS, tmp_path / "keys")
+    owned = [*(tmp_path / "keys").iterdir(), tmp_path / "certs" / "superexec-serverapp.secret"]
+    kept = {path: path.read_bytes() for path in owned}
+    # What the earlier version of the scripts left: world-readable private keys.
+    for path in [tmp_path / "certs" / "server.key", tmp_path / "certs" / "ca.key", tmp_path / "keys" / "supernode-1"]:
+        path.chmod(0o644)
+    run_script("generate-certs.sh", tmp_path / "certs")
+    run_script("generate-keys.sh", OWNERS, tmp_path / "keys")
+    assert {path: path.read_bytes() for path in kept} == kept, "running pairs keep their keys and secrets"
+    assert_key_file_modes(tmp_path)
+
+
+def test_keys_and_secrets_never_reach_the_repository() -> None:
+    compose = load_compose(BASE, TLS)
+    paths = [DOCKER / spec["file"] for spec in compose["secrets"].values()] + [DOCKER / "certs" / "ca.key"]
+    for path in paths:
+        ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
+        assert ignored.returncode == 0, f"{path.relative_to(ROOT)} is not ignored by git"
 
 
 def test_gpu_override_reserves_a_gpu_for_every_owners_clientapp_and_changes_no_command() -> None:

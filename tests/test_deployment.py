@@ -1,10 +1,11 @@
 """A real deployment on loopback, started exactly as docker/compose.yml + docker/compose.tls.yml start it.
 
-flower-superlink with TLS and SuperNode authentication, the ServerApp's SuperExec, three SuperNodes (each with
-its own port, key, data file and state directory) and their ClientApps' SuperExecs: every command is the
-compose service's, with container names and paths mapped to loopback ports and test directories
-(tests/test_compose.py). Two of the three keys are registered, so the run is configured for two clients
-(num_clients = 2, num-partitions = 2 on the admitted nodes) and the third SuperNode must be refused.
+flower-superlink with TLS, SuperNode and SuperExec authentication, the ServerApp's SuperExec, three SuperNodes
+(each with its own port, key, secret, data file and state directory) and their ClientApps' SuperExecs: every
+command is the compose service's, with container names and paths mapped to loopback ports and test
+directories (tests/test_compose.py), and every key and secret is the one docker/'s scripts wrote. Two of the
+three keys are registered, so the run is configured for two clients (num_clients = 2, num-partitions = 2 on
+the admitted nodes) and the third SuperNode must be refused; SuperExecs without the secret must get no task.
 
 Each process works in a directory of its own, as in its container: the run config's `dataset` is a relative
 path that exists only in the ServerApp's directory, so a client that tried to read it would fail the run.
@@ -29,7 +30,17 @@ from conftest import write_sentiment_csv
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.serde import recorddict_from_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-from test_compose import BASE, DOCKER, OWNERS, TLS, load_compose, loopback_commands, option
+from test_compose import (
+    BASE,
+    OWNERS,
+    SECRET_FLAG,
+    TLS,
+    assert_key_file_modes,
+    load_compose,
+    loopback_commands,
+    option,
+    run_script,
+)
 from test_ray_cluster import free_ports, process_tree, survivors
 
 from clients.app import PRIVACY_STATE_KEY
@@ -45,6 +56,12 @@ OWNER_SIZES = (240, 180, 200)
 CONNECTION = "fedsvd-tls"
 START_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 420
+# Impostor -> (the SuperExec whose command it runs without the secret, the process it polls for tasks).
+INTRUDERS = {
+    "intruder-serverapp": ("superexec-serverapp", "superlink"),
+    "intruder-clientapp-1": ("superexec-clientapp-1", "supernode-1"),
+}
+SUPEREXEC_REFUSED = "SuperExec authentication failed for /flwr.proto.Runtime/AcquireTask"
 
 
 @dataclass
@@ -53,6 +70,7 @@ class Deployment:
 
     base: Path
     run: subprocess.CompletedProcess | None = None
+    commands: dict[str, list[str]] = field(default_factory=dict)
     node_list: list[dict] = field(default_factory=list)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     started: set[int] = field(default_factory=set)
@@ -119,6 +137,11 @@ def _processes(deployment: Deployment) -> Iterator[Callable[[str, list[str]], su
         stop_process_trees(*running)
 
 
+def _without_option(command: list[str], flag: str) -> list[str]:
+    at = command.index(flag)
+    return command[:at] + command[at + 2 :]
+
+
 def _flwr(deployment: Deployment, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     cli_home = deployment.base / "cli"
     command = [str(Path(VENV_BIN) / "flwr"), *args]
@@ -134,8 +157,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Dep
     deployment = Deployment(base)
     (base / "logs").mkdir()
     docker = base / "docker"
-    subprocess.run([DOCKER / "generate-certs.sh", docker / "certs"], check=True, capture_output=True)
-    subprocess.run([DOCKER / "generate-keys.sh", str(OWNERS), docker / "keys"], check=True, capture_output=True)
+    run_script("generate-certs.sh", docker / "certs")
+    run_script("generate-keys.sh", OWNERS, docker / "keys")
     for owner, size in enumerate(OWNER_SIZES, start=1):
         (docker / "data" / f"owner-{owner}").mkdir(parents=True)
         write_sentiment_csv(docker / "data" / f"owner-{owner}" / "train.csv", size, seed=owner)
@@ -155,6 +178,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Dep
         commands[f"supernode-{i}"][commands[f"supernode-{i}"].index(node_config)] = node_config.replace(
             f"num-partitions={OWNERS}", f"num-partitions={ADMITTED}"
         )
+    deployment.commands = commands
 
     (base / "cli").mkdir()
     (base / "cli" / "config.toml").write_text(
@@ -180,13 +204,21 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path) -> Dep
         for i in range(1, OWNERS + 1):
             supernodes[i] = start(f"supernode-{i}", commands[f"supernode-{i}"])
             start(f"superexec-clientapp-{i}", commands[f"superexec-clientapp-{i}"])
+        # Impostors poll the SuperLink and owner 1's SuperNode for tasks before the run is submitted: a SuperExec
+        # that is turned away exits; one that is not keeps polling, and would take the run's tasks.
+        _wait_for_port(ports["supernode-1"], supernodes[1], deployment, "supernode-1")
+        for name, (superexec, _) in INTRUDERS.items():
+            intruder = start(name, _without_option(commands[superexec], SECRET_FLAG))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                intruder.wait(timeout=START_TIMEOUT_S)
+            deployment.exit_codes[name] = intruder.poll()
         deployment.run = _flwr(
             deployment, "run", str(ROOT), CONNECTION, "--run-config", str(run_config), "--stream",
             timeout=RUN_TIMEOUT_S,
         )  # fmt: skip
         listed = _flwr(deployment, "supernode", "list", "--format", "json")
         deployment.node_list = json.loads(listed.stdout)["nodes"] if listed.returncode == 0 else []
-        deployment.exit_codes = {f"supernode-{i}": process.poll() for i, process in supernodes.items()}
+        deployment.exit_codes |= {f"supernode-{i}": process.poll() for i, process in supernodes.items()}
     return deployment
 
 
@@ -224,6 +256,22 @@ def test_unregistered_supernode_is_refused(deployment: Deployment) -> None:
     assert [node["status"] for node in deployment.node_list] == ["online"] * ADMITTED, deployment.node_list
     for i in range(1, ADMITTED + 1):
         assert deployment.exit_codes[f"supernode-{i}"] is None, deployment.log(f"supernode-{i}")[-2000:]
+
+
+def test_keys_and_secrets_are_readable_by_the_containers_user_only(deployment: Deployment) -> None:
+    assert_key_file_modes(deployment.base / "docker")
+
+
+def test_every_superexec_authenticates_and_one_without_the_secret_gets_no_task(deployment: Deployment) -> None:
+    for name, (superexec, peer) in INTRUDERS.items():
+        # The SuperExec and the process it polls hold the same secret file.
+        secret = option(deployment.commands[superexec], SECRET_FLAG)
+        assert secret is not None and secret == option(deployment.commands[peer], SECRET_FLAG)
+        assert deployment.exit_codes[name] is not None, f"{name} was not turned away: {deployment.log(name)[-2000:]}"
+        assert SUPEREXEC_REFUSED in deployment.log(peer), deployment.log(peer)[-2000:]
+        assert "flwr-serverapp" not in deployment.log(name) and "flwr-clientapp" not in deployment.log(name)
+    for name, command in deployment.commands.items():
+        assert option(command, SECRET_FLAG), f"{name} runs without SuperExec authentication"
 
 
 def test_each_node_keeps_its_clients_privacy_state_in_its_own_state_dir(deployment: Deployment) -> None:
