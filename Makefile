@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/dp_step.py
+
+# CUDA step times, FedSVD's server step and clients sharing one GPU; one line and exit 0 without a GPU.
+# No venv is made for it: on a GPU machine the CPU-only torch pinned above would replace the CUDA one, so it
+# runs in the venv where there is one and else in $(PYTHON) with the project's dependencies on PYTHONPATH.
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
