@@ -11,6 +11,7 @@ the node's saved state live (see ``clients.node``).
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
@@ -22,7 +23,6 @@ from clients.node import NodeSettings, client_data, node_settings, persist_node_
 from clients.trainer import DpSgdSettings, train_local
 from fedsvd.config import ExperimentConfig
 from fedsvd.data import tokenize
-from fedsvd.federation import ClientPlan, client_plan
 from fedsvd.methods import METHODS
 from fedsvd.methods.base import factor_of
 from fedsvd.model import (
@@ -34,7 +34,17 @@ from fedsvd.model import (
     set_arrays,
     set_trainable,
 )
-from fedsvd.privacy import PrivacyLedger, epsilon_of
+from fedsvd.privacy import PrivacyLedger, epsilon_of, sample_rate_for
+from fedsvd.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    Description,
+    EvaluationReply,
+    TrainInstruction,
+    TrainReply,
+    integer,
+)
 
 PRIVACY_STATE_KEY = "privacy-ledger"
 PERSONAL_STATE_KEY = "personal-arrays"
@@ -62,13 +72,13 @@ def _cached_tokens(
 
 def _num_labels(msg: Message) -> int:
     # The server's class count: an owner's own file may not contain every class.
-    return int(msg.content["config"]["num-labels"])  # type: ignore[arg-type]
+    return integer(dict(msg.content[CONFIG]), "num-labels", minimum=2)
 
 
 def _model_with_round_arrays(cfg: ExperimentConfig, msg: Message, context: Context) -> PeftModel:
     """The cached model holding the server's arrays, except for the factors this client keeps as its own."""
     model = _cached_model(context.run_id, cfg, _num_labels(msg))
-    arrays = msg.content["arrays"].to_torch_state_dict()
+    arrays = msg.content[ARRAYS].to_torch_state_dict()
     if PERSONAL_STATE_KEY in context.state:
         arrays.update(context.state[PERSONAL_STATE_KEY].to_torch_state_dict())  # type: ignore[union-attr]
     set_arrays(model, arrays, cfg.train_head)
@@ -104,29 +114,34 @@ def describe(msg: Message, context: Context) -> Message:
     """Tell the server who this node is, so that it samples clients by partition, reproducibly, and how much
     data it holds (with its own data file, the server plans this client's noise from that size)."""
     cfg, node = _identity(context)
-    num_examples = len(client_data(cfg, node, _num_labels(msg)).train)
-    metrics = MetricRecord(
-        {"partition-id": node.partition_id, "num-examples": num_examples, "own-data": int(node.data_file is not None)}
+    data = client_data(cfg, node, _num_labels(msg))
+    description = Description(
+        partition_id=node.partition_id,
+        num_examples=len(data.train),
+        num_eval_examples=len(data.local_eval) if data.local_eval is not None else 0,
+        own_data=node.data_file is not None,
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({METRICS: MetricRecord(description.to_record())}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, node = _identity(context)
     partition_id = node.partition_id
-    server_round = int(msg.content["config"]["server-round"])
-    train_keys = [str(key) for key in msg.content["config"]["train-keys"]]  # type: ignore[union-attr]
+    instruction = TrainInstruction.parse(dict(msg.content[CONFIG]))
+    server_round = instruction.server_round
 
     model = _model_with_round_arrays(cfg, msg, context)
-    set_trainable(model, train_keys, cfg.train_head)
-    tokens = _cached_tokens(cfg, node, _num_labels(msg))
-    plan = client_plan(cfg, partition_id, len(tokens["labels"]))
+    set_trainable(model, list(instruction.train_keys), cfg.train_head)
+    tokens = _cached_tokens(cfg, node, instruction.num_labels)
+    num_examples = len(tokens["labels"])
+    if not math.isclose(instruction.sample_rate, sample_rate_for(cfg.batch_size, num_examples), rel_tol=1e-9):
+        raise ValueError(f"client {partition_id}: the instructed sample rate does not match batch_size / its data size")
 
-    ledger = _load_ledger(context, cfg)
+    ledger = _continuing_ledger(context, cfg, instruction, partition_id)
     if cfg.dp:
         # Defence in depth: the server should never ask this, but the client's own ledger has the last word.
-        next_round = [*ledger.history, (plan.noise_multiplier, plan.sample_rate, cfg.local_steps)]
+        next_round = [*ledger.history, (instruction.noise_multiplier, instruction.sample_rate, cfg.local_steps)]
         if epsilon_of(next_round, cfg.delta, cfg.accountant) > cfg.epsilon:
             raise RuntimeError(
                 f"client {partition_id} refuses to train: another round would exceed its epsilon budget {cfg.epsilon:g}"
@@ -136,23 +151,28 @@ def train(msg: Message, context: Context) -> Message:
         tokens,
         steps=cfg.local_steps,
         lr=cfg.lr,
-        sample_rate=plan.sample_rate,
+        sample_rate=instruction.sample_rate,
         seed=_round_seed(cfg, partition_id, server_round),
         device=resolve_device(cfg.device),
-        dp=DpSgdSettings(plan.noise_multiplier, cfg.clip_norm) if cfg.dp else None,
+        dp=DpSgdSettings(instruction.noise_multiplier, cfg.clip_norm) if cfg.dp else None,
         ledger=ledger if cfg.dp else None,
+        server_round=server_round,
     )
     context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.to_record())  # type: ignore[arg-type]
     _keep_personal_factors(cfg, model, context)
 
+    train_keys = set(instruction.train_keys)
     uploaded = {key: value for key, value in get_arrays(model, cfg.train_head).items() if key in train_keys}
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(uploaded),
-            "metrics": _metrics(cfg, plan, ledger, result.mean_loss),
-            "privacy": ConfigRecord(ledger.to_record()),  # type: ignore[arg-type]
-        }
+    report = TrainReply(
+        partition_id=partition_id,
+        num_examples=num_examples,
+        epsilon=ledger.epsilon(cfg.delta) if cfg.dp else 0.0,
+        noise_multiplier=instruction.noise_multiplier,
+        sample_rate=instruction.sample_rate,
+        steps=ledger.steps if cfg.dp else cfg.local_steps,
+        train_loss=result.mean_loss if math.isfinite(result.mean_loss) else None,
     )
+    content = RecordDict({ARRAYS: ArrayRecord(uploaded), METRICS: MetricRecord(report.to_record())})
     return Message(content, reply_to=msg)
 
 
@@ -164,25 +184,30 @@ def evaluate_locally(msg: Message, context: Context) -> Message:
     model = _model_with_round_arrays(cfg, msg, context)
     tokens = _cached_tokens(cfg, node, _num_labels(msg), held_out=True)
     accuracy, loss = evaluate(model, tokens, resolve_device(cfg.device))
-    metrics = MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": len(tokens["labels"])})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    reply = EvaluationReply(accuracy=accuracy, loss=loss, num_examples=len(tokens["labels"]))
+    return Message(RecordDict({METRICS: MetricRecord(reply.to_record())}), reply_to=msg)
 
 
-def _load_ledger(context: Context, cfg: ExperimentConfig) -> PrivacyLedger:
-    if PRIVACY_STATE_KEY in context.state:
-        return PrivacyLedger.from_record(context.state[PRIVACY_STATE_KEY])  # type: ignore[arg-type]
-    return PrivacyLedger(cfg.accountant)
+def _continuing_ledger(
+    context: Context, cfg: ExperimentConfig, instruction: TrainInstruction, partition_id: int
+) -> PrivacyLedger:
+    """This client's ledger before this round: its own, or the server's record of it when its own is shorter.
 
-
-def _metrics(cfg: ExperimentConfig, plan: ClientPlan, ledger: PrivacyLedger, loss: float) -> MetricRecord:
-    return MetricRecord(
-        {
-            "num-examples": plan.num_examples,
-            "partition-id": plan.partition_id,
-            "train-loss": loss,
-            "epsilon": ledger.epsilon(cfg.delta) if cfg.dp else 0.0,
-            "noise-multiplier": plan.noise_multiplier,
-            "sample-rate": plan.sample_rate,
-            "steps": ledger.steps if cfg.dp else cfg.local_steps,
-        }
+    A client restarted without its state, or one whose reply was lost, would otherwise forget rounds it was
+    charged for; a client whose own record holds rounds the server never charged refuses to train.
+    """
+    own = (
+        PrivacyLedger.from_record(context.state[PRIVACY_STATE_KEY])  # type: ignore[arg-type]
+        if PRIVACY_STATE_KEY in context.state
+        else PrivacyLedger(cfg.accountant)
     )
+    earlier = list(instruction.privacy_rounds[:-1])
+    unknown = sorted(set(own.rounds) - set(instruction.privacy_rounds))
+    if unknown:
+        raise RuntimeError(
+            f"client {partition_id} refuses to train: it trained in rounds {unknown}, which the server never charged"
+        )
+    if own.rounds == earlier:
+        return own
+    event = (instruction.noise_multiplier, instruction.sample_rate, cfg.local_steps)
+    return PrivacyLedger(cfg.accountant, [event] * len(earlier), earlier)

@@ -13,9 +13,10 @@ A data owner starts its SuperNode with, for example::
   integer ``label``). The client trains on this file alone and never loads the run config's dataset, so
   nothing reads another owner's data; the server plans the client's noise from the size it reports.
 - ``state-dir`` (optional): a directory of this node's own where the client's Flower state (its privacy ledger
-  and any factors it keeps for itself) is written after every message. A restarted SuperNode has lost that
-  state from memory; the client then continues from this file instead of starting a fresh accountant, which
-  would under-report its epsilon.
+  and any factors it keeps for itself) is written after every round it trains. A restarted SuperNode has lost
+  that state from memory; the client then continues from this file instead of starting a fresh accountant.
+  (Its epsilon would be right even without it: the server sends its record of the client's rounds with every
+  instruction, and a client whose own record is shorter continues from the server's.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -38,6 +39,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from fedsvd.config import ExperimentConfig
 from fedsvd.data import DataError, TextDataset, held_out_split, load_texts
 from fedsvd.federation import data_for
+from fedsvd.protocol import CONFIG, integer
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
@@ -132,28 +134,65 @@ def client_data(cfg: ExperimentConfig, node: NodeSettings, num_labels: int) -> C
         raise NodeConfigError(f"node config: {DATA_FILE} = '{node.data_file}': {err}") from None
 
 
-def state_file(state_dir: Path, run_id: int) -> Path:
-    """One file per run: a new run starts a new accountant, a restarted SuperNode continues its run's."""
-    return state_dir / f"run-{run_id}.state"
+# Saved states kept per client: the newest before a round re-run after a resume must still be there.
+KEPT_STATES = 3
+
+
+def state_directory(state_dir: Path, run_id: int) -> Path:
+    """A node's states of one run: a new run starts a new accountant, a restarted SuperNode continues its run's."""
+    return state_dir / f"run-{run_id}"
+
+
+def _saved_round(path: Path) -> int:
+    return int(path.stem.removeprefix("round-"))
+
+
+def saved_states(directory: Path) -> list[Path]:
+    """The saved states in a directory, oldest round first."""
+    return sorted(directory.glob("round-*.state"), key=_saved_round)
+
+
+def _client_state_directory(context: Context) -> Path | None:
+    """Where this client's states live: the node config's state-dir (deployment), else the run config's
+    client_state_dir (``fedsvd run`` puts it under the results, so that a resumed run finds it), else nowhere."""
+    node = node_settings(context.node_config)
+    if node.state_dir is not None:
+        return state_directory(node.state_dir, context.run_id)
+    shared = context.run_config.get("client_state_dir")
+    if isinstance(shared, str) and shared:
+        return Path(shared) / f"partition-{node.partition_id}"
+    return None
 
 
 def persist_node_state(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """ClientApp mod: restore ``context.state`` from the node's state-dir after a restart; save it after each reply.
+    """ClientApp mod: give every message the client state of the rounds before it, and save it after training.
 
-    A failed message leaves the saved state as it was, as Flower leaves the in-memory one.
+    States are kept per round (``round-<r>.state``), and a message of round r starts from the newest saved
+    before r (for training) or up to r (for evaluation). A restarted SuperNode therefore continues from its
+    file, and a round that is run again after a resume starts from exactly the state it started from the first
+    time, even if the client had already trained it before the run was killed. A failed message saves nothing.
     """
-    state_dir = node_settings(context.node_config).state_dir
-    if state_dir is None:
+    directory = _client_state_directory(context)
+    config = msg.content.config_records.get(CONFIG) if msg.has_content() else None
+    if directory is None or config is None or "server-round" not in config:
         return call_next(msg, context)
-    path = state_file(state_dir, context.run_id)
-    if not context.state and path.exists():
-        restored = recorddict_from_proto(ProtoRecordDict.FromString(path.read_bytes()))
+    server_round = integer(dict(config), "server-round", minimum=1)
+    training = msg.metadata.message_type == MessageType.TRAIN
+    earlier = [path for path in saved_states(directory) if _saved_round(path) < server_round + (not training)]
+    if earlier:
+        restored = recorddict_from_proto(ProtoRecordDict.FromString(earlier[-1].read_bytes()))
+        for key in list(context.state):
+            del context.state[key]
         for key, record in restored.items():
             context.state[key] = record
     reply = call_next(msg, context)
-    if not reply.has_error():
-        # Write-then-rename: a SuperNode killed mid-write keeps the previous state, never half of one.
-        with tempfile.NamedTemporaryFile(dir=state_dir, prefix=f".{path.name}.", delete=False) as handle:
+    if training and not reply.has_error():
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"round-{server_round}.state"
+        # Write-then-rename: a client killed mid-write keeps the previous state, never half of one.
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", delete=False) as handle:
             handle.write(recorddict_to_proto(context.state).SerializeToString())
         os.replace(handle.name, path)
+        for old in saved_states(directory)[:-KEPT_STATES]:
+            old.unlink(missing_ok=True)
     return reply

@@ -52,12 +52,15 @@ def train_local(
     device: torch.device,
     dp: DpSgdSettings | None = None,
     ledger: PrivacyLedger | None = None,
+    server_round: int | None = None,
 ) -> LocalTrainingResult:
     """Run ``steps`` steps of (DP-)SGD on the parameters of ``model`` that require grad.
 
     Batches are Poisson samples at ``sample_rate`` in both modes, so ``dp=None`` differs only by the
     missing clipping and noise. With ``dp`` set, every step, including one on an empty batch, is recorded
-    in ``ledger``, which must hold this client's whole earlier history.
+    in ``ledger``, which must hold this client's whole earlier history (and ``server_round`` is added to its
+    rounds). Everything random (batches, noise, dropout) is drawn from ``seed`` alone, so a round re-run after
+    a resume, in another process, trains exactly as the first time.
     """
     if dp is not None and ledger is None:
         raise ValueError("DP training needs the client's privacy ledger")
@@ -92,28 +95,32 @@ def train_local(
     losses: list[float] = []
     seen = 0
     batches = _endless(loader)
-    try:
-        for _ in range(steps):
-            values = next(batches)
-            batch = trim_padding({key: value.to(device) for key, value in zip(keys, values, strict=True)})
-            labels = batch.pop("labels")
+    # Dropout draws from the global generator, whose state would otherwise depend on what this worker ran before.
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices, device_type=device.type):
+        torch.manual_seed(seed + 2)
+        try:
+            for _ in range(steps):
+                values = next(batches)
+                batch = trim_padding({key: value.to(device) for key, value in zip(keys, values, strict=True)})
+                labels = batch.pop("labels")
+                optimizer.zero_grad(set_to_none=True)
+                if len(labels) == 0:
+                    _empty_step(optimizer, trainable, private=dp is not None)
+                    continue
+                logits = forward(**batch).logits
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                seen += len(labels)
+        finally:
+            if isinstance(forward, GradSampleModule):
+                # Unwrapping removes the hooks: the cached model is wrapped again next round.
+                forward.to_standard_module()
             optimizer.zero_grad(set_to_none=True)
-            if len(labels) == 0:
-                _empty_step(optimizer, trainable, private=dp is not None)
-                continue
-            logits = forward(**batch).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            seen += len(labels)
-    finally:
-        if isinstance(forward, GradSampleModule):
-            # Unwrapping removes the hooks: the cached model is wrapped again next round.
-            forward.to_standard_module()
-        optimizer.zero_grad(set_to_none=True)
     if ledger is not None and accountant is not None:
-        ledger.record(accountant)
+        ledger.record(accountant, server_round)
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
     return LocalTrainingResult(mean_loss=mean_loss, steps=steps, examples_seen=seen)
 

@@ -17,12 +17,12 @@ from datetime import datetime
 from pathlib import Path
 
 from fedsvd.compare import Comparison, load_comparison, run_dir
-from fedsvd.config import ConfigError, ExperimentConfig, load_config, read_toml
+from fedsvd.config import ConfigError, ExperimentConfig, load_config, read_toml, resume_conflict
 from fedsvd.data import HUB_TASKS, DataError
 from fedsvd.federation import ClientPlan, plan_federation
 from fedsvd.model import ModelError, check_model
 from fedsvd.privacy import PrivacyConfigError, epsilon_of
-from fedsvd.results import SUMMARY_JSON, has_results, progress_line, read_metrics
+from fedsvd.results import CHECKPOINT_FILE, CONFIG_TOML, SUMMARY_JSON, has_results, progress_line, read_metrics
 
 USER_ERRORS = (ConfigError, DataError, ModelError, PrivacyConfigError)
 
@@ -59,35 +59,92 @@ def preflight(cfg: ExperimentConfig) -> None:
         )
 
 
+def _resumed_config(directory: str, overrides: Sequence[str]) -> tuple[ExperimentConfig, Path]:
+    """The config of an unfinished run, with the overrides a resume may make; ConfigError when it cannot go on."""
+    out_dir = Path(directory).expanduser().resolve()
+    stored_file = out_dir / CONFIG_TOML
+    if (out_dir / SUMMARY_JSON).is_file():
+        raise ConfigError(f"--resume {str(out_dir)!r}: that run has finished ({SUMMARY_JSON} exists)")
+    if not (out_dir / CHECKPOINT_FILE).is_file() or not stored_file.is_file():
+        raise ConfigError(
+            f"--resume {str(out_dir)!r}: no {CHECKPOINT_FILE} there, so no completed round to resume from"
+        )
+    stored = load_config(stored_file)
+    cfg = load_config(stored_file, overrides)
+    if conflict := resume_conflict(stored.to_flat(), cfg):
+        raise ConfigError(conflict)
+    return cfg.replace(resume=True, out_dir=str(out_dir)), out_dir
+
+
+def _interrupted(out_dir: Path, code: int, what: str) -> int:
+    resumable = (out_dir / CHECKPOINT_FILE).is_file() and not (out_dir / SUMMARY_JSON).is_file()
+    hint = f"; continue with: fedsvd run --resume {out_dir} (or fedsvd compare --resume)" if resumable else ""
+    print(f"fedsvd: {what}: every process of the run was stopped{hint}", file=sys.stderr)
+    return code
+
+
 def command_run(args: argparse.Namespace) -> int:
     from fedsvd.simulation import run_simulation
 
     try:
-        cfg = load_config(args.config, args.set or ())
-        out_dir = _out_dir(cfg, args.out)
-        if has_results(out_dir):
-            raise ConfigError(f"--out {str(out_dir)!r} already holds results; choose another directory")
-        print(f"fedsvd run: {cfg.method} on {cfg.dataset}, model {cfg.model}, {cfg.rounds} rounds -> {out_dir}")
+        if args.resume:
+            if args.config or args.out:
+                raise ConfigError("--resume DIR continues the run in DIR: give no CONFIG and no --out with it")
+            cfg, out_dir = _resumed_config(args.resume, args.set or ())
+        else:
+            cfg = load_config(args.config, args.set or ())
+            out_dir = _out_dir(cfg, args.out)
+            if has_results(out_dir):
+                raise ConfigError(f"--out {str(out_dir)!r} already holds results; choose another directory")
+        action = f"resuming {out_dir}" if cfg.resume else str(out_dir)
+        print(f"fedsvd run: {cfg.method} on {cfg.dataset}, model {cfg.model}, {cfg.rounds} rounds -> {action}")
         preflight(cfg)
     except USER_ERRORS as err:
         return _fail(str(err))
 
-    # A plain SIGTERM would skip the clean-up that stops the SuperLink, SuperExec and Ray: exit through it.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # SIGTERM and SIGHUP (a closed terminal) would skip the clean-up that stops the SuperLink, SuperExec and
+    # Ray: leave through it. Ctrl-C does too, as KeyboardInterrupt.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, _: sys.exit(128 + number))
     started = time.monotonic()
-    finished = run_simulation(cfg, out_dir, _show_round)
+    try:
+        finished = run_simulation(cfg, out_dir, _show_round)
+    except KeyboardInterrupt:
+        return _interrupted(out_dir, 128 + signal.SIGINT, "interrupted")
+    except SystemExit as exit_:
+        return _interrupted(out_dir, int(exit_.code or 1), f"stopped by signal {int(exit_.code or 1) - 128}")
     rows = read_metrics(out_dir)
+    summary = json.loads((out_dir / SUMMARY_JSON).read_text()) if finished else {}
     if not finished or not rows:
-        print(f"fedsvd: the run did not finish; see {out_dir / 'flower.log'}", file=sys.stderr)
+        print(f"fedsvd: the run did not finish: {_last_error(out_dir)}", file=sys.stderr)
+        return 1
+    if summary.get("failed"):
+        print(
+            f"fedsvd: the run stopped: {summary['failed']}; results up to round {summary['rounds']} are in {out_dir}",
+            file=sys.stderr,
+        )
         return 1
     last = rows[-1]
+    dropped = sum(1 for row in rows if row.get("dropped"))
     print(
         f"done in {time.monotonic() - started:.0f}s: final accuracy {last['accuracy']:.4f}, "
         f"max epsilon {last['epsilon_max']:.3f}"
         + (f" (target {cfg.epsilon:g}, delta {cfg.delta:g})" if cfg.dp else " (no DP)")
+        + (f"; {dropped} round(s) dropped, see metrics.jsonl" if dropped else "")
         + f"; results in {out_dir} ({SUMMARY_JSON}, metrics.jsonl, metrics.csv, adapter.safetensors)"
     )
     return 0
+
+
+def _last_error(out_dir: Path) -> str:
+    """The server's own reason, from Flower's log, so that the console says why and not only where to look."""
+    log_path = out_dir / "flower.log"
+    reasons = []
+    if log_path.is_file():
+        for line in log_path.read_text(errors="replace").splitlines():
+            if "fedsvd: cannot run:" in line or "fedsvd: stopping:" in line:
+                reasons.append(line.split("fedsvd: ", 1)[1])
+    return (reasons[-1] if reasons else "no reason was logged") + f" (see {log_path})"
 
 
 def _stamp() -> str:
@@ -127,7 +184,8 @@ def command_compare(args: argparse.Namespace) -> int:
     except USER_ERRORS as err:
         return _fail(str(err))
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, _: sys.exit(128 + number))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / COMPARISON_JSON).write_text(json.dumps(comparison.to_record(), indent=2) + "\n")
     print(
@@ -141,16 +199,19 @@ def command_compare(args: argparse.Namespace) -> int:
         if (directory / SUMMARY_JSON).is_file():
             print(f"{label}: done earlier, skipped")
             continue
-        if directory.exists():
-            # An interrupted attempt: keep its files for inspection, start this one clean.
+        resume = (directory / CHECKPOINT_FILE).is_file()
+        if directory.exists() and not resume:
+            # Interrupted before its first checkpoint: keep its files for inspection, start this one clean.
             directory.rename(directory.with_name(f"{directory.name}.incomplete-{_stamp()}"))
-        print(f"{label}: {cfg.method}, {cfg.rounds} rounds", flush=True)
+        print(f"{label}: {cfg.method}, {cfg.rounds} rounds" + (", resumed" if resume else ""), flush=True)
         try:
             finished = run_simulation(
-                cfg.replace(out_dir=str(directory)),
+                cfg.replace(out_dir=str(directory), resume=resume),
                 directory,
                 lambda row, prefix=f"  {run.name} s{seed} | ": print(prefix + progress_line(row), flush=True),
             )
+        except KeyboardInterrupt:
+            return _interrupted(directory, 128 + signal.SIGINT, "interrupted")
         except (OSError, RuntimeError) as err:
             print(f"{label}: could not run: {err}", file=sys.stderr)
             finished = False
@@ -252,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="TOML config (default: the built-in defaults)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
     run.add_argument("--out", help="results directory (default: results/<method>-<time>)")
+    run.add_argument("--resume", metavar="DIR", help="continue the unfinished run in DIR from its last round")
     run.set_defaults(handler=command_run)
 
     compare = commands.add_parser("compare", help="run every (run, seed) of a comparison file, then summarise")

@@ -33,6 +33,11 @@ REFUSED_ACCOUNTANTS = {
     "use 'rdp' or 'prv'",
 }
 DEFAULT_MODEL = "minilm"
+# Rounds in a row that may fall short of min_replies before the run stops.
+MAX_SHORT_ROUNDS = 3
+# Keys a resumed run may change: none of them changes what the finished rounds computed. Raising `rounds` trains
+# longer with the noise planned at the start (so clients stop at their budget); the rest say where it runs.
+RESUMABLE_KEYS = ("rounds", "client_cpus", "client_gpus", "ray_address", "out_dir", "client_state_dir", "resume")
 
 
 class ConfigError(ValueError):
@@ -138,6 +143,26 @@ class ExperimentConfig:
         "Ray: cluster the simulation joins, e.g. '10.0.0.1:6379' ('' = $RAY_ADDRESS if set, else a private local Ray)",
     )
     out_dir: str = _key("", "where results go ('' = results/<method>-<time>)")
+    # Faults and recovery.
+    min_replies: int = _key(
+        1,
+        "valid client updates a round needs to change the global adapter; a run whose rounds fall short "
+        f"{MAX_SHORT_ROUNDS} times in a row stops with an error",
+        _positive,
+        ">= 1",
+    )
+    max_client_examples: int = _key(
+        10_000_000,
+        "largest training-set size a client may report (a size decides its weight in every average)",
+        _positive,
+        ">= 1",
+    )
+    client_state_dir: str = _key(
+        "",
+        "where each client saves its state (accountant, own factors) after every round ('' = in memory, or the "
+        "node config's state-dir); fedsvd run puts it under the results",
+    )
+    resume: bool = _key(False, "continue the run in out_dir from its last checkpoint (fedsvd run --resume DIR)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -189,6 +214,16 @@ class ExperimentConfig:
             lines.append(f"# {f.metadata['help']}")
             lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
         return "\n".join(lines) + "\n"
+
+
+def resume_conflict(stored: Mapping[str, Any], cfg: ExperimentConfig) -> str | None:
+    """Why ``cfg`` cannot continue a run whose resolved config was ``stored``, or None if it can: every key that
+    changes what the finished rounds computed must be as it was."""
+    for key, value in cfg.to_flat().items():
+        if key not in RESUMABLE_KEYS and stored.get(key) != value:
+            may_change = ", ".join(k for k in RESUMABLE_KEYS if k not in ("out_dir", "client_state_dir", "resume"))
+            return f"resume: {key} = {value!r} differs from the run's {stored.get(key)!r}; only {may_change} may change"
+    return None
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

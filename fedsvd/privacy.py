@@ -171,10 +171,11 @@ def check_accountant(accountant: str) -> None:
 
 @dataclass
 class PrivacyLedger:
-    """The complete DP-SGD history of one client under one accountant."""
+    """The complete DP-SGD history of one client under one accountant, and the rounds it was spent in."""
 
     accountant: str
     history: list[PrivacyEvent] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -191,8 +192,10 @@ class PrivacyLedger:
         accountant.history = list(self.history)
         return accountant
 
-    def record(self, accountant: IAccountant) -> None:
+    def record(self, accountant: IAccountant, server_round: int | None = None) -> None:
         self.history = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
+        if server_round is not None:
+            self.rounds.append(server_round)
 
     def to_record(self) -> dict[str, list[float] | list[int] | str]:
         """Flat lists, the shape Flower's ConfigRecord and JSON both store."""
@@ -201,6 +204,7 @@ class PrivacyLedger:
             "noise_multiplier": [s for s, _, _ in self.history],
             "sample_rate": [q for _, q, _ in self.history],
             "steps": [n for _, _, n in self.history],
+            "rounds": list(self.rounds),
         }
 
     @classmethod
@@ -209,7 +213,8 @@ class PrivacyLedger:
         if not len(sigmas) == len(rates) == len(steps):
             raise ValueError("privacy record has lists of different lengths")
         events = zip(map(float, sigmas), map(float, rates), map(int, steps), strict=True)
-        return cls(str(record["accountant"]), list(events))
+        rounds = [int(r) for r in record.get("rounds", [])]  # type: ignore[attr-defined]
+        return cls(str(record["accountant"]), list(events), rounds)
 
 
 def epsilon_of(history: Iterable[PrivacyEvent], delta: float, accountant: str) -> float:
@@ -308,8 +313,13 @@ class ServerPrivacyLedger:
         return epsilon_of(self.history(partition), self.delta, self.accountant)
 
     def record_training(self, partition: int, server_round: int) -> None:
-        """A client replied to a training instruction: it spent this round's budget, aggregated or not."""
-        self.rounds.setdefault(partition, []).append(server_round)
+        """A client was instructed to train in this round: it has spent the round, whether or not its reply
+        arrives or is aggregated. Recording a round twice counts it once: a round re-run after a resume sends the
+        same arrays and the same noise seed, so the client releases the very same output again."""
+        rounds = self.rounds.setdefault(partition, [])
+        if server_round not in rounds:
+            rounds.append(server_round)
+            rounds.sort()
 
     def can_train(self, partition: int, target_epsilon: float) -> bool:
         """Whether one more round keeps this client at or below its target epsilon."""

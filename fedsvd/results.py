@@ -1,7 +1,10 @@
-"""What a run leaves behind: per-round metrics (JSONL + CSV), the resolved config and the final adapter.
+"""What a run leaves behind: per-round metrics (JSONL + CSV), the resolved config, the adapter, the privacy
+ledger and the checkpoint a killed run resumes from.
 
-Every round is appended and flushed as soon as it is known, so a run that dies keeps all finished rounds;
-files written whole (adapter, summary) go through a temporary file and an atomic rename.
+After every round, in this order: the metrics row is appended, then the current adapter, ``privacy.json`` and
+``checkpoint.safetensors`` are rewritten through a temporary file and an atomic rename. The checkpoint comes
+last, so it never runs ahead of the other files, and a resume drops any metrics row past it. ``summary.json``
+is written once, at the very end: without it a directory is an unfinished (resumable) run.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from fedsvd.config import ExperimentConfig
@@ -25,6 +30,10 @@ CONFIG_TOML = "config.toml"
 ADAPTER_FILE = "adapter.safetensors"
 SUMMARY_JSON = "summary.json"
 PRIVACY_JSON = "privacy.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+CLIENT_STATE_DIR = "client-state"
+# Left by a server that ended an attempt on purpose (a client worker died) for its launcher to start again.
+RESTART_FILE = "restart-requested.json"
 # The scalar columns of metrics.csv, in order; per-client detail stays in the JSONL.
 CSV_COLUMNS = (
     "round",
@@ -69,22 +78,44 @@ def has_results(out_dir: Path) -> bool:
     return (out_dir / METRICS_JSONL).exists()
 
 
-class RunRecorder:
-    """Writes one run's results into ``out_dir`` as the run goes."""
+class ResultsExist(RuntimeError):
+    """The results directory already holds a run; nothing in it is touched."""
 
-    def __init__(self, out_dir: Path, cfg: ExperimentConfig) -> None:
+
+class RunRecorder:
+    """Writes one run's results into ``out_dir`` as the run goes.
+
+    A new run refuses a directory that already holds results. A resumed run (``resume_after`` = the round of
+    its checkpoint) keeps the rows up to that round and drops any written after it.
+    """
+
+    def __init__(self, out_dir: Path, cfg: ExperimentConfig, resume_after: int | None = None) -> None:
         self.out_dir = out_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(out_dir / CONFIG_TOML, lambda p: p.write_text(cfg.to_toml()))
         self._jsonl = out_dir / METRICS_JSONL
         self._csv = out_dir / METRICS_CSV
-        self._jsonl.write_text("")
-        with self._csv.open("w", newline="") as handle:
-            csv.writer(handle).writerow(CSV_COLUMNS)
+        if resume_after is None and has_results(out_dir):
+            raise ResultsExist(f"{out_dir} already holds results ({METRICS_JSONL}); choose another out_dir")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(out_dir / CONFIG_TOML, lambda p: p.write_text(cfg.to_toml()))
+        kept = (
+            [row for row in read_metrics(out_dir) if row["round"] <= resume_after] if resume_after is not None else []
+        )
+        lines = "".join(json.dumps(row) + "\n" for row in kept)
+        _write_atomically(self._jsonl, lambda p: p.write_text(lines))
+
+        def write_csv(path: Path) -> None:
+            with path.open("w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(CSV_COLUMNS)
+                writer.writerows([row.get(column, "") for column in CSV_COLUMNS] for row in kept)
+
+        _write_atomically(self._csv, write_csv)
 
     def record_round(self, row: Mapping[str, Any]) -> None:
         with self._jsonl.open("a") as handle:
-            handle.write(json.dumps(row, sort_keys=False) + "\n")
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         with self._csv.open("a", newline="") as handle:
             csv.writer(handle).writerow([row.get(column, "") for column in CSV_COLUMNS])
 
@@ -103,8 +134,86 @@ class RunRecorder:
         _write_atomically(self.out_dir / SUMMARY_JSON, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"))
 
 
+def write_restart_request(out_dir: Path, after_round: int, partitions: list[int]) -> None:
+    """Ask the launcher to start the federation again from the checkpoint of ``after_round``."""
+    request = {"after_round": after_round, "dead_worker_partitions": partitions}
+    _write_atomically(out_dir / RESTART_FILE, lambda p: p.write_text(json.dumps(request) + "\n"))
+
+
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """Every complete row (a row cut short by a kill mid-write is not one)."""
     path = out_dir / METRICS_JSONL
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message says why in one line."""
+
+
+@dataclass
+class ServerState:
+    """Everything the server needs to continue a run after its last completed round.
+
+    The global arrays (for FLoRA / FedEx-LoRA with the merged base weights), each client's plan (the noise is
+    planned once per run), the privacy ledger's rounds, the scores of the last evaluated round and the
+    bookkeeping of short rounds. The client sampling needs no state: it is drawn from (seed, round) alone.
+    ``save`` writes one file atomically; ``load`` checks what it restores before anyone trusts it.
+    """
+
+    completed_round: int
+    arrays: dict[str, torch.Tensor]
+    plans: dict[int, tuple[int, float, float]]  # partition -> (examples, sample rate, noise multiplier)
+    privacy_rounds: dict[int, list[int]]
+    epsilon: dict[int, float]  # every client's cumulative epsilon so far
+    latest: dict[str, Any]  # round, accuracy, loss, local_accuracy of the last evaluated round
+    short_rounds: int  # consecutive rounds that were dropped, up to this one
+    wall_seconds: float  # time spent by every attempt so far
+    config: dict[str, Any]  # the run's resolved config
+
+    VERSION: ClassVar[int] = 1
+
+    def save(self, out_dir: Path) -> None:
+        fields = {key: value for key, value in asdict(self).items() if key != "arrays"}
+        metadata = {"fedsvd-server-state": json.dumps({"version": self.VERSION, **fields})}
+        tensors = {name: value.contiguous() for name, value in self.arrays.items()}
+        _write_atomically(out_dir / CHECKPOINT_FILE, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+    @classmethod
+    def load(cls, out_dir: Path) -> ServerState:
+        path = out_dir / CHECKPOINT_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path} does not exist: the run has no completed round to resume from")
+        try:
+            with safe_open(str(path), "pt") as handle:
+                fields = json.loads((handle.metadata() or {})["fedsvd-server-state"])
+                arrays = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        except (OSError, KeyError, ValueError, SafetensorError) as err:
+            raise CheckpointError(f"{path} cannot be read: {type(err).__name__}") from None
+        if fields.pop("version", None) != cls.VERSION:
+            raise CheckpointError(f"{path} was written by another version of fedsvd")
+        try:
+            state = cls(
+                completed_round=int(fields["completed_round"]),
+                arrays=arrays,
+                plans={int(p): (int(n), float(q), float(s)) for p, (n, q, s) in fields["plans"].items()},
+                privacy_rounds={int(p): [int(r) for r in rounds] for p, rounds in fields["privacy_rounds"].items()},
+                epsilon={int(p): float(eps) for p, eps in fields["epsilon"].items()},
+                latest=dict(fields["latest"]),
+                short_rounds=int(fields["short_rounds"]),
+                wall_seconds=float(fields["wall_seconds"]),
+                config=dict(fields["config"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path} is incomplete: {type(err).__name__} {err}") from None
+        late = [p for p, rounds in state.privacy_rounds.items() if any(r > state.completed_round for r in rounds)]
+        if late:
+            raise CheckpointError(f"{path} charges clients {late} for rounds after its own round")
+        return state

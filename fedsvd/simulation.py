@@ -26,11 +26,21 @@ from pathlib import Path
 import psutil
 
 from fedsvd.config import ExperimentConfig
-from fedsvd.results import METRICS_JSONL, SUMMARY_JSON
+from fedsvd.results import (
+    CLIENT_STATE_DIR,
+    METRICS_JSONL,
+    RESTART_FILE,
+    SUMMARY_JSON,
+    ServerState,
+    read_metrics,
+)
+from fedsvd.watchdog import stop
 
 APP_DIR = Path(__file__).resolve().parents[1]
 FLOWER_LOG = "flower.log"
 SUPERLINK_START_TIMEOUT_S = 60.0
+# Restarts of a federation whose client workers died, before the run is given up.
+MAX_RESTARTS = 3
 
 
 def ray_address(cfg: ExperimentConfig, environ: Mapping[str, str]) -> str:
@@ -55,6 +65,7 @@ def flower_environment(flwr_home: Path, cfg: ExperimentConfig) -> dict[str, str]
         FLWR_TELEMETRY_ENABLED="0",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        RAY_USAGE_STATS_ENABLED="0",
         # Flower's Ray backend calls ray.init() without an address: Ray reads it from here.
         RAY_ADDRESS=ray_address(cfg, env),
     )
@@ -90,44 +101,52 @@ def stop_process_trees(*processes: subprocess.Popen) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             parent = psutil.Process(process.pid)
             tree += [parent, *parent.children(recursive=True)]
-    for member in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=15)
-    for member in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    psutil.wait_procs(alive, timeout=5)
+    stop(tree, grace=15.0)
     for process in processes:
         process.wait()
 
 
 class _ProgressFollower:
-    """Reads new rows of metrics.jsonl as the server appends them."""
+    """Shows every new round of metrics.jsonl as the server appends it, once, across restarts."""
 
-    def __init__(self, path: Path, show: Callable[[dict], None]) -> None:
+    def __init__(self, path: Path, show: Callable[[dict], None], shown_up_to: int = -1) -> None:
         self.path = path
         self.show = show
-        self.seen = 0
+        self.shown_up_to = shown_up_to
 
     def poll(self) -> None:
-        if not self.path.exists():
-            return
-        lines = self.path.read_text().splitlines()
-        complete = [line for line in lines if line.strip()]
-        # The last line may be half-written while the server appends it: only parse whole JSON rows.
-        for line in complete[self.seen :]:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            self.seen += 1
-            self.show(row)
+        for row in read_metrics(self.path.parent):
+            if row["round"] > self.shown_up_to:
+                self.shown_up_to = row["round"]
+                self.show(row)
 
 
 def run_simulation(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], None]) -> bool:
-    """Run one federation; True if the server finished and wrote its summary."""
+    """Run one federation (or continue it, with ``cfg.resume``); True if the server finished and wrote its
+    summary.
+
+    Clients keep their state under the results, so that a resumed run finds it. When a client worker dies,
+    the server ends the attempt at a checkpointed round and asks for a restart: the federation is then started
+    again from that round (up to ``MAX_RESTARTS`` times), and the resumed rounds are exactly what an
+    uninterrupted run would have computed from there.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.replace(out_dir=str(out_dir), client_state_dir=str(out_dir / CLIENT_STATE_DIR))
+    follower = _ProgressFollower(out_dir / METRICS_JSONL, show)
+    if cfg.resume:
+        follower.shown_up_to = ServerState.load(out_dir).completed_round
+    for _ in range(MAX_RESTARTS + 1):
+        _run_once(cfg, out_dir, follower)
+        request = out_dir / RESTART_FILE
+        if (out_dir / SUMMARY_JSON).exists() or not request.exists():
+            break
+        after = json.loads(request.read_text())["after_round"]
+        print(f"fedsvd: a client worker died; restarting the federation from round {after}", file=sys.stderr)
+        cfg = cfg.replace(resume=True)
+    return (out_dir / SUMMARY_JSON).exists()
+
+
+def _run_once(cfg: ExperimentConfig, out_dir: Path, follower: _ProgressFollower) -> None:
     with tempfile.TemporaryDirectory(prefix="fedsvd-flwr-") as tmp:
         flwr_home = Path(tmp)
         port = _free_port()
@@ -135,13 +154,14 @@ def run_simulation(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], 
             f'[superlink]\ndefault = "fedsvd"\n\n[superlink.fedsvd]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
         )
         run_config = flwr_home / "run-config.toml"
-        run_config.write_text(cfg.replace(out_dir=str(out_dir)).to_toml())
+        run_config.write_text(cfg.to_toml())
         env = flower_environment(flwr_home, cfg)
         federation = (
             f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cfg.client_cpus} "
             f"client-resources-num-gpus={cfg.client_gpus}"
         )
         with open(out_dir / FLOWER_LOG, "ab") as log:
+            pid_file = flwr_home / "started.pids"
             superlink = subprocess.Popen(
                 [
                     "flower-superlink",
@@ -156,6 +176,16 @@ def run_simulation(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], 
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=tmp,
+            )
+            pid_file.write_text(f"{superlink.pid}\n")
+            # Outlives this process on purpose: if it is killed, the watchdog stops what it started.
+            watchdog = subprocess.Popen(
+                [sys.executable, "-m", "fedsvd.watchdog", str(os.getpid()), str(pid_file)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=tmp,
             )
@@ -180,7 +210,8 @@ def run_simulation(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], 
                     start_new_session=True,
                     cwd=tmp,
                 )
-                follower = _ProgressFollower(out_dir / METRICS_JSONL, show)
+                with pid_file.open("a") as pids:
+                    pids.write(f"{client.pid}\n")
                 while client.poll() is None:
                     follower.poll()
                     if superlink.poll() is not None:
@@ -189,4 +220,4 @@ def run_simulation(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], 
                 follower.poll()
             finally:
                 stop_process_trees(superlink, *([client] if client is not None else []))
-    return (out_dir / SUMMARY_JSON).exists()
+                stop_process_trees(watchdog)  # it returns by itself within a poll; never wait on it for long

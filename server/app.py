@@ -1,9 +1,12 @@
-"""Flower ServerApp: runs one federated LoRA experiment and records every round.
+"""Flower ServerApp: runs one federated LoRA experiment, records every round and can resume after a crash.
 
 The same app serves simulation (``fedsvd run`` / ``flwr run`` on the Ray backend) and deployment
-(SuperLink + SuperNodes): only the launcher differs. The server evaluates on the held-out split of the run
-config's ``dataset``. Clients train on their partition of that dataset, or, in deployment, on a data file of
-their own (see ``clients.node``); those are planned from the size they report.
+(SuperLink + SuperNodes): only the launcher differs. ``set_up`` discovers the clients, plans their privacy,
+builds the ledger and the strategy (or restores them from the run's checkpoint); ``Federation.run`` drives
+the rounds and hands what each round returned to the ``RoundRecorder``, which writes the metrics row, the
+adapter, the ledger and the checkpoint after every round. The server evaluates on the held-out split of the
+run config's ``dataset``; clients train on their partition of it, or, in deployment, on a data file of their
+own (see ``clients.node``), planned from the size they report.
 """
 
 from __future__ import annotations
@@ -11,27 +14,47 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedsvd.config import ExperimentConfig
+from fedsvd.config import MAX_SHORT_ROUNDS, RESUMABLE_KEYS, ExperimentConfig, resume_conflict
 from fedsvd.data import tokenize
-from fedsvd.federation import ClientPlan, client_plan, data_for
-from fedsvd.methods import build_method
+from fedsvd.federation import ClientPlan, FederationData, client_plan, data_for
+from fedsvd.methods import FederatedLoraMethod, build_method
 from fedsvd.model import build_lora_model, evaluate, get_arrays, load_tokenizer, resolve_device, set_arrays
 from fedsvd.privacy import ServerPrivacyLedger
-from fedsvd.results import RunRecorder, progress_line
-from server.strategy import BudgetExhausted, LoraStrategy
+from fedsvd.protocol import CONFIG, METRICS, Description, ProtocolError
+from fedsvd.results import (
+    RESTART_FILE,
+    CheckpointError,
+    ResultsExist,
+    RunRecorder,
+    ServerState,
+    progress_line,
+    write_restart_request,
+)
+from server.strategy import BudgetExhausted, LoraStrategy, RoundRecord
 
 # How long the server waits for every SuperNode to connect and introduce itself.
 DISCOVERY_TIMEOUT_S = 600.0
+# How long a round waits for its replies; a client that has not answered by then is counted as failed.
+ROUND_TIMEOUT_S = 3600.0
+# What Flower's Ray backend says when the worker process that ran a client has died.
+DEAD_WORKER_SIGNS = ("ActorDiedError", "RayActorError", "ActorUnavailableError")
 
 app = ServerApp()
+
+
+class SetupError(RuntimeError):
+    """The federation cannot start or continue; the message says why in one line."""
 
 
 def results_dir(cfg: ExperimentConfig) -> Path:
@@ -41,52 +64,66 @@ def results_dir(cfg: ExperimentConfig) -> Path:
     return Path("results", f"{cfg.method}-{stamp}").resolve()
 
 
-def discover_clients(
-    grid: Grid, num_clients: int, task: ConfigRecord
-) -> tuple[dict[int, int], dict[int, int], set[int]]:
-    """Ask every node for its partition id and size: node ids are not stable across runs, partitions are.
+def discover_clients(grid: Grid, cfg: ExperimentConfig, num_labels: int) -> dict[int, tuple[int, Description]]:
+    """Ask every node who it is: node ids are not stable across runs, partitions are.
 
-    Returns the node of each partition, each partition's size and the partitions whose owner trains on a
-    data file of its own rather than on its partition of the config's dataset.
+    A node that fails to describe itself, or describes itself wrongly, is left out with a logged reason; two
+    nodes claiming one partition are both left out (neither can be trusted to be it).
+    Returns ``partition -> (node id, description)``.
     """
     deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
-    while len(node_ids := list(grid.get_node_ids())) < num_clients:
+    while len(node_ids := list(grid.get_node_ids())) < cfg.num_clients:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(node_ids)} of {num_clients} clients connected")
+            raise SetupError(f"only {len(node_ids)} of {cfg.num_clients} clients connected")
         time.sleep(1.0)
-    queries = [Message(RecordDict({"config": task}), node, MessageType.QUERY) for node in node_ids]
-    nodes: dict[int, int] = {}
-    sizes: dict[int, int] = {}
-    own_data: set[int] = set()
-    for reply in grid.send_and_receive(queries, timeout=DISCOVERY_TIMEOUT_S):
-        if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
-        metrics = reply.content.metric_records["metrics"]
-        partition = int(metrics["partition-id"])
-        if partition in nodes:
-            raise RuntimeError(f"two nodes claim partition {partition}")
-        nodes[partition] = reply.metadata.src_node_id
-        sizes[partition] = int(metrics["num-examples"])
-        if metrics.get("own-data"):
-            own_data.add(partition)
-    if sorted(nodes) != list(range(num_clients)):
-        raise RuntimeError(f"expected partitions 0..{num_clients - 1}, got {sorted(nodes)}")
-    return nodes, sizes, own_data
+    query = RecordDict({CONFIG: ConfigRecord({"num-labels": num_labels})})
+    messages = [Message(query, node, MessageType.QUERY) for node in node_ids]
+    found: dict[int, tuple[int, Description]] = {}
+    claimed: Counter[int] = Counter()
+    for reply in grid.send_and_receive(messages, timeout=DISCOVERY_TIMEOUT_S):
+        node = reply.metadata.src_node_id
+        try:
+            if reply.has_error():
+                raise ProtocolError(f"client error: {reply.error.reason}")
+            metrics = reply.content.metric_records.get(METRICS)
+            if metrics is None:
+                raise ProtocolError(f"reply lacks '{METRICS}'")
+            description = Description.parse(
+                dict(metrics), num_partitions=cfg.num_clients, max_examples=cfg.max_client_examples
+            )
+        except ProtocolError as reason:
+            log(ERROR, "discovery: node %d left out: %s", node, reason)
+            continue
+        claimed[description.partition_id] += 1
+        found[description.partition_id] = (node, description)
+    for partition, count in claimed.items():
+        if count > 1:
+            log(ERROR, "discovery: %d nodes claim partition %d; all of them are left out", count, partition)
+            del found[partition]
+    return found
 
 
-def plan_clients(cfg: ExperimentConfig, sizes: dict[int, int], own_data: set[int]) -> dict[int, ClientPlan]:
+def plan_clients(
+    cfg: ExperimentConfig, data: FederationData, found: dict[int, tuple[int, Description]]
+) -> dict[int, ClientPlan]:
     """Every client's DP-SGD plan, from the sizes the clients report.
 
     A client that trains on its partition of the config's dataset must report the size the server derives from
-    the config: another size means it sees other data than planned. A data owner's own file is known only to
-    its owner, so its reported size is what the noise is calibrated for (the client calibrates from the same
-    size, and the server's ledger then checks every epsilon it reports).
+    the config (and the held-out slice it derives): another size means it sees other data than planned, and it
+    is left out. A data owner's own file is known only to its owner, so its reported size is what the noise is
+    calibrated for (the server's ledger then checks every epsilon it reports).
     """
-    partitions = data_for(cfg).partitions
-    mismatched = {p: (n, len(partitions[p])) for p, n in sizes.items() if p not in own_data and n != len(partitions[p])}
-    if mismatched:
-        raise RuntimeError(f"clients report other partition sizes than planned (got, planned): {mismatched}")
-    return {p: client_plan(cfg, p, n) for p, n in sorted(sizes.items())}
+    plans = {}
+    for partition, (_, description) in sorted(found.items()):
+        if not description.own_data:
+            local_eval = data.local_eval[partition]
+            planned = (len(data.partitions[partition]), len(local_eval) if local_eval is not None else 0)
+            if (description.num_examples, description.num_eval_examples) != planned:
+                log(ERROR, "discovery: partition %d reports sizes %s, planned %s; left out", partition,
+                    (description.num_examples, description.num_eval_examples), planned)  # fmt: skip
+                continue
+        plans[partition] = client_plan(cfg, partition, description.num_examples)
+    return plans
 
 
 def majority_accuracy(labels: Sequence[int]) -> float:
@@ -94,16 +131,169 @@ def majority_accuracy(labels: Sequence[int]) -> float:
     return Counter(labels).most_common(1)[0][1] / len(labels)
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = ExperimentConfig.from_mapping(context.run_config, source="run config")
+@dataclass
+class RoundRecorder:
+    """Turns what a round returned into a metrics row and the console line, and makes the round durable."""
+
+    cfg: ExperimentConfig
+    results: RunRecorder
+    method: FederatedLoraMethod
+    ledger: ServerPrivacyLedger | None
+    state: ServerState
+    last_time: float = field(default_factory=time.monotonic)
+
+    def record(
+        self, server_round: int, arrays: ArrayRecord, accuracy: float, loss: float, trained: RoundRecord | None
+    ) -> dict[str, Any]:
+        epsilon = self.state.epsilon
+        if self.ledger is not None:
+            # The server's ledger is the source of truth: it counts every client that was instructed to train.
+            epsilon.update({p: self.ledger.epsilon(p) for p in self.ledger.rounds})
+        elif trained is not None:
+            epsilon.update({p: entry["epsilon"] for p, entry in trained.privacy.items()})
+        now = time.monotonic()
+        row = {
+            "round": server_round,
+            "method": self.cfg.method,
+            "accuracy": accuracy,
+            "loss": loss,
+            "local_accuracy": trained.local_accuracy if trained else None,
+            "local_loss": trained.local_loss if trained else None,
+            "epsilon_max": max(epsilon.values(), default=0.0),
+            "epsilon_mean": sum(epsilon.values()) / self.cfg.num_clients,
+            "num_trained": len(trained.clients) if trained else 0,
+            "clients": trained.clients if trained else [],
+            "train_loss": trained.train_loss if trained else None,
+            "bytes_up": trained.bytes_up if trained else 0,
+            "bytes_down": trained.bytes_down if trained else 0,
+            "seconds": now - self.last_time,
+            "privacy": {str(p): entry for p, entry in sorted(trained.privacy.items())} if trained else {},
+            "epsilon": {str(p): eps for p, eps in sorted(epsilon.items())},
+            "rejected": {str(p): reason for p, reason in sorted(trained.rejected.items())} if trained else {},
+            "clipped": {str(p): scale for p, scale in sorted(trained.clipped.items())} if trained else {},
+            "dropped": trained.dropped if trained else None,
+        }
+        self.state.wall_seconds += now - self.last_time
+        self.last_time = now
+        self.results.record_round(row)
+        log(INFO, "fedsvd: %s", progress_line(row))
+
+        tensors = arrays.to_torch_state_dict()
+        self.state.completed_round = server_round
+        self.state.arrays = tensors
+        self.state.latest = {
+            "round": server_round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "local_accuracy": row["local_accuracy"],
+        }
+        if trained is not None:
+            self.state.short_rounds = self.state.short_rounds + 1 if trained.dropped else 0
+        self.results.save_adapter(tensors, adapter_metadata(self.cfg, self.method))
+        if self.ledger is not None:
+            self.state.privacy_rounds = {p: list(rounds) for p, rounds in self.ledger.rounds.items()}
+            self.results.write_privacy(self.ledger.report())
+        self.state.save(self.results.out_dir)  # last: a checkpoint never runs ahead of the other files
+        return row
+
+
+def adapter_metadata(cfg: ExperimentConfig, method: FederatedLoraMethod) -> dict[str, str]:
+    return {
+        "method": cfg.method,
+        "model": cfg.model,
+        "lora_rank": str(cfg.lora_rank),
+        "lora_alpha": str(cfg.lora_alpha),
+        "lora_targets": cfg.lora_targets,
+        # FLoRA / FedEx-LoRA: the merged base weights of the adapted modules are part of the result.
+        "includes_base_weights": str(method.merges_into_base).lower(),
+    }
+
+
+@dataclass
+class Federation:
+    """A federation ready to run its next round: built by ``set_up``."""
+
+    cfg: ExperimentConfig
+    grid: Grid
+    data: FederationData
+    strategy: LoraStrategy
+    recorder: RoundRecorder
+    model: torch.nn.Module
+    held_out: dict[str, torch.Tensor]
+    device: torch.device
+    arrays: ArrayRecord
+    resumed: bool
+
+    def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
+        set_arrays(self.model, arrays.to_torch_state_dict(), self.cfg.train_head)
+        return evaluate(self.model, self.held_out, self.device)
+
+    def run(self) -> None:
+        cfg, state = self.cfg, self.recorder.state
+        if not self.resumed:
+            self.recorder.record(0, self.arrays, *self.evaluate(self.arrays), None)
+        stop: dict[str, str] = {}
+        for server_round in range(state.completed_round + 1, cfg.rounds + 1):
+            try:
+                new_arrays, trained = self.strategy.train_round(self.grid, server_round, self.arrays, ROUND_TIMEOUT_S)
+            except BudgetExhausted as exhausted:
+                stop["stopped_early"] = str(exhausted)
+                log(WARNING, "fedsvd: stopping: %s; results up to round %d are kept", exhausted, state.completed_round)
+                break
+            if new_arrays is not None:
+                self.arrays = new_arrays
+                self.strategy.evaluate_round(self.grid, server_round, self.arrays, ROUND_TIMEOUT_S)
+            self.recorder.record(server_round, self.arrays, *self.evaluate(self.arrays), trained)
+            dead = sorted(p for p, reason in trained.rejected.items() if any(s in reason for s in DEAD_WORKER_SIGNS))
+            if state.short_rounds >= MAX_SHORT_ROUNDS:
+                stop["failed"] = (
+                    f"{state.short_rounds} rounds in a row had fewer than min_replies = {cfg.min_replies} valid "
+                    f"updates (last: round {server_round}, {trained.dropped})"
+                )
+                log(ERROR, "fedsvd: stopping: %s", stop["failed"])
+                break
+            if dead and server_round < cfg.rounds:
+                # Flower's Ray actor pool never replaces a dead worker: every later message to it would fail.
+                # End this attempt at a checkpointed round; the launcher starts the federation again from it.
+                write_restart_request(self.recorder.results.out_dir, server_round, dead)
+                log(
+                    ERROR, "fedsvd: the worker of partitions %s died in round %d; restart requested", dead, server_round
+                )
+                return
+        self.finish(stop)
+
+    def finish(self, stop: dict[str, str]) -> None:
+        state = self.recorder.state
+        self.recorder.results.finish(
+            {
+                "method": self.cfg.method,
+                "rounds": state.latest["round"],
+                "stopped_early": stop.get("stopped_early"),
+                "failed": stop.get("failed"),
+                "final_accuracy": state.latest["accuracy"],
+                "final_loss": state.latest["loss"],
+                "final_local_accuracy": state.latest.get("local_accuracy"),
+                "epsilon_max": max(state.epsilon.values(), default=0.0),
+                "epsilon_target": self.cfg.epsilon if self.cfg.dp else None,
+                "delta": self.cfg.delta if self.cfg.dp else None,
+                "majority_accuracy": majority_accuracy(self.data.held_out.labels),
+                "wall_seconds": state.wall_seconds,
+            }
+        )
+
+
+def set_up(grid: Grid, cfg: ExperimentConfig) -> Federation:
+    """Discover the clients, plan their privacy, build the ledger, the strategy and the recorder; with
+    ``resume``, restore all of it from the run's checkpoint instead of starting at round 0."""
     out_dir = results_dir(cfg)
-    recorder = RunRecorder(out_dir, cfg)
+    (out_dir / RESTART_FILE).unlink(missing_ok=True)
+    stored = ServerState.load(out_dir) if cfg.resume else None
+    if stored is not None and (conflict := resume_conflict(stored.config, cfg)):
+        raise SetupError(conflict)
+    results = RunRecorder(out_dir, cfg, resume_after=stored.completed_round if stored else None)
     log(INFO, "fedsvd: %s on %s, %d clients, results in %s", cfg.method, cfg.dataset, cfg.num_clients, out_dir)
 
     data = data_for(cfg)
-    # Sent with every message: a data owner's own file need not contain every class.
-    task = ConfigRecord({"num-labels": data.num_labels})
     method = build_method(
         cfg.method,
         svd_every=cfg.svd_every,
@@ -114,99 +304,71 @@ def main(grid: Grid, context: Context) -> None:
     device = resolve_device(cfg.device)
     model = build_lora_model(
         cfg.model, data.num_labels, cfg.lora_rank, cfg.lora_alpha, cfg.targets, cfg.seed, cfg.pooling
-    )
-    model.to(device)
+    ).to(device)
     held_out = tokenize(data.held_out, load_tokenizer(cfg.model), cfg.max_length)
 
-    nodes, sizes, own_data = discover_clients(grid, cfg.num_clients, task)
-    plans = plan_clients(cfg, sizes, own_data)
+    found = discover_clients(grid, cfg, data.num_labels)
+    if stored is None:
+        plans = plan_clients(cfg, data, found)
+    else:
+        # The noise is planned once per run: a resumed run keeps it, even when its rounds were raised.
+        plans = {p: ClientPlan(p, n, q, sigma, 0) for p, (n, q, sigma) in stored.plans.items() if p in found}
+        changed = [p for p, plan in plans.items() if found[p][1].num_examples != plan.num_examples]
+        if changed:
+            raise SetupError(f"resume: clients {changed} report other data sizes than when the run started")
+    if len(plans) < max(cfg.min_replies, 1):
+        raise SetupError(
+            f"only {len(plans)} usable clients (partitions {sorted(plans)}); min_replies = {cfg.min_replies}"
+        )
     ledger = None
     if cfg.dp:
         planned = {p: (plan.noise_multiplier, plan.sample_rate) for p, plan in plans.items()}
         ledger = ServerPrivacyLedger(cfg.accountant, cfg.delta, cfg.local_steps, planned)
-    # Without a budget check 'every_round' planning cannot overspend; 'expected' planning relies on it.
-    target = cfg.epsilon if cfg.dp else None
+        if stored is not None:
+            ledger.rounds = {p: list(rounds) for p, rounds in stored.privacy_rounds.items() if p in plans}
     strategy = LoraStrategy(
-        method, nodes, sizes, cfg.clients_per_round, cfg.seed, cfg.delta, ledger, target, cfg.local_eval_fraction > 0
+        method=method,
+        nodes={p: found[p][0] for p in plans},
+        plans=plans,
+        num_eval_examples={p: found[p][1].num_eval_examples for p in plans},
+        num_labels=data.num_labels,
+        clients_per_round=min(cfg.clients_per_round, len(plans)),
+        seed=cfg.seed,
+        delta=cfg.delta,
+        min_replies=cfg.min_replies,
+        ledger=ledger,
+        # Without a budget check 'every_round' planning cannot overspend; 'expected' planning relies on it.
+        target_epsilon=cfg.epsilon if cfg.dp else None,
+        local_eval=cfg.local_eval_fraction > 0,
     )
-
-    epsilon_so_far: dict[int, float] = {}
-    latest: dict = {}  # the last evaluated global adapter and its scores: what is kept if the run stops early
-    last_time = [time.monotonic()]
-    started = last_time[0]
-
-    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        set_arrays(model, arrays.to_torch_state_dict(), cfg.train_head)
-        accuracy, loss = evaluate(model, held_out, device)
-        trained = strategy.rounds.get(server_round)
-        if ledger is not None:
-            # The server's ledger is the source of truth: it also counts clients whose update was rejected.
-            epsilon_so_far.update({p: ledger.epsilon(p) for p in ledger.rounds})
-        elif trained is not None:
-            epsilon_so_far.update({p: entry["epsilon"] for p, entry in trained.privacy.items()})
-        now = time.monotonic()
-        row = {
-            "round": server_round,
-            "method": cfg.method,
-            "accuracy": accuracy,
-            "loss": loss,
-            "local_accuracy": trained.local_accuracy if trained else None,
-            "local_loss": trained.local_loss if trained else None,
-            "epsilon_max": max(epsilon_so_far.values(), default=0.0),
-            "epsilon_mean": sum(epsilon_so_far.values()) / cfg.num_clients,
-            "num_trained": len(trained.clients) if trained else 0,
-            "clients": trained.clients if trained else [],
-            "train_loss": trained.train_loss if trained else None,
-            "bytes_up": trained.bytes_up if trained else 0,
-            "bytes_down": trained.bytes_down if trained else 0,
-            "seconds": now - last_time[0],
-            "privacy": {str(p): entry for p, entry in sorted(trained.privacy.items())} if trained else {},
-            "epsilon": {str(p): eps for p, eps in sorted(epsilon_so_far.items())},
-            "rejected": {str(p): reason for p, reason in trained.rejected.items()} if trained else {},
-        }
-        last_time[0] = now
-        latest.update(
-            arrays=arrays, round=server_round, accuracy=accuracy, loss=loss, local_accuracy=row["local_accuracy"]
+    if stored is None:
+        arrays = ArrayRecord(get_arrays(model, cfg.train_head, base_weights=method.merges_into_base))
+        state = ServerState(
+            completed_round=0,
+            arrays={},
+            plans={p: (plan.num_examples, plan.sample_rate, plan.noise_multiplier) for p, plan in plans.items()},
+            privacy_rounds={},
+            epsilon={},
+            latest={},
+            short_rounds=0,
+            wall_seconds=0.0,
+            config=cfg.to_flat(),
         )
-        recorder.record_round(row)
-        log(INFO, "fedsvd: %s", progress_line(row))
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+    else:
+        arrays = ArrayRecord(stored.arrays)
+        state = stored
+        state.config = {**stored.config, **{k: v for k, v in cfg.to_flat().items() if k in RESUMABLE_KEYS}}
+        log(INFO, "fedsvd: resuming after round %d", stored.completed_round)
+    recorder = RoundRecorder(cfg, results, method, ledger, state)
+    return Federation(cfg, grid, data, strategy, recorder, model, held_out, device, arrays, stored is not None)
 
-    initial = ArrayRecord(get_arrays(model, cfg.train_head, base_weights=method.merges_into_base))
-    stopped_early = None
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = ExperimentConfig.from_mapping(context.run_config, source="run config")
     try:
-        strategy.start(
-            grid, initial, num_rounds=cfg.rounds, train_config=task, evaluate_config=task, evaluate_fn=evaluate_round
-        )
-    except BudgetExhausted as stop:
-        stopped_early = str(stop)
-        log(WARNING, "fedsvd: stopping: %s; results up to round %d are kept", stop, latest["round"])
-    recorder.save_adapter(
-        latest["arrays"].to_torch_state_dict(),
-        {
-            "method": cfg.method,
-            "model": cfg.model,
-            "lora_rank": str(cfg.lora_rank),
-            "lora_alpha": str(cfg.lora_alpha),
-            "lora_targets": cfg.lora_targets,
-            # FLoRA / FedEx-LoRA: the merged base weights of the adapted modules are part of the result.
-            "includes_base_weights": str(method.merges_into_base).lower(),
-        },
-    )
-    if ledger is not None:
-        recorder.write_privacy(ledger.report())
-    recorder.finish(
-        {
-            "method": cfg.method,
-            "rounds": latest["round"],
-            "stopped_early": stopped_early,
-            "final_accuracy": latest["accuracy"],
-            "final_loss": latest["loss"],
-            "final_local_accuracy": latest.get("local_accuracy"),
-            "epsilon_max": max(epsilon_so_far.values(), default=0.0),
-            "epsilon_target": cfg.epsilon if cfg.dp else None,
-            "delta": cfg.delta if cfg.dp else None,
-            "majority_accuracy": majority_accuracy(data.held_out.labels),
-            "wall_seconds": time.monotonic() - started,
-        }
-    )
+        federation = set_up(grid, cfg)
+    except (SetupError, ResultsExist, CheckpointError) as err:
+        log(ERROR, "fedsvd: cannot run: %s", err)
+        return
+    federation.run()

@@ -1,10 +1,14 @@
 """One Flower strategy for every federated LoRA method: the method decides, the strategy delivers.
 
 The strategy samples clients by partition (seeded, so every method sees the same sequence), tells them
-which arrays to train, validates every reply before it can touch the global adapter, and hands the valid
-ones to ``method.aggregate``. With per-client evaluation it then asks every client to score the new global
-adapter (with FedSA-LoRA: its own B) on its held-out slice. What happened in the round (who trained, bytes,
-privacy, per-client scores) is kept for the server's per-round record.
+which arrays to train, parses every reply through ``fedsvd.protocol`` before it can touch the global adapter,
+bounds each accepted change against the round's others, and hands them to ``method.aggregate``; a
+non-finite result is never accepted. With per-client evaluation it then asks every client to score the new
+global adapter (with FedSA-LoRA: its own B) on its held-out slice.
+
+``train_round`` and ``evaluate_round`` return what happened in the round (``RoundRecord``) next to the new
+arrays, which is what the server records; Flower's own ``configure_*`` / ``aggregate_*`` hooks are the steps
+they are made of.
 """
 
 from __future__ import annotations
@@ -19,33 +23,56 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 
+from fedsvd.federation import ClientPlan
 from fedsvd.methods import ClientUpdate, FederatedLoraMethod
+from fedsvd.methods.base import bound_update_norms
 from fedsvd.privacy import ServerPrivacyLedger
+from fedsvd.protocol import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    EvaluationReply,
+    ProtocolError,
+    TrainInstruction,
+    TrainReply,
+    parse_arrays,
+)
+
+# Relative tolerance between a reported noise multiplier or sample rate and the server's plan (float rounding).
+PLAN_TOLERANCE = 1e-9
 
 
 class BudgetExhausted(RuntimeError):
     """Too few clients have privacy budget left for another round: the run stops here."""
 
 
-class InvalidReply(ValueError):
-    """A client reply that must not be aggregated; the message says why."""
-
-
 @dataclass
 class RoundRecord:
-    """What the strategy saw in one round, for metrics.jsonl."""
+    """What happened in one round, for metrics.jsonl and the console line."""
 
-    clients: list[int] = field(default_factory=list)
-    rejected: dict[int, str] = field(default_factory=dict)
+    instructed: list[int] = field(default_factory=list)
+    clients: list[int] = field(default_factory=list)  # whose update was aggregated
+    rejected: dict[int, str] = field(default_factory=dict)  # partition -> why its reply was not used
+    clipped: dict[int, float] = field(default_factory=dict)  # partition -> scale its change was bounded by
     bytes_up: int = 0
     bytes_down: int = 0
-    train_loss: float = math.nan
+    train_loss: float | None = None
     privacy: dict[int, dict[str, float]] = field(default_factory=dict)
     # Example-weighted mean over the clients' held-out slices (None without per-client evaluation).
     local_accuracy: float | None = None
     local_loss: float | None = None
+    # Why the global adapter did not change in this round (too few valid replies, a non-finite aggregate).
+    dropped: str | None = None
+
+
+@dataclass
+class _RoundInProgress:
+    server_round: int
+    sent: dict[str, torch.Tensor]
+    record: RoundRecord
 
 
 class LoraStrategy(FedAvg):
@@ -57,18 +84,24 @@ class LoraStrategy(FedAvg):
         Decides which arrays clients train and how uploads become the new global arrays.
     nodes : Mapping[int, int]
         Node id of each partition id (learned from the clients before the first round).
-    num_examples : Mapping[int, int]
-        Training examples of each partition, as the server planned them; a reply claiming another
-        count is rejected.
+    plans : Mapping[int, ClientPlan]
+        Each partition's plan (training examples, sample rate, noise multiplier), made once by the server and
+        sent with every instruction; a reply claiming another count, rate or noise is rejected.
+    num_eval_examples : Mapping[int, int]
+        Size of each client's own held-out slice; an evaluation reply claiming another count is rejected.
+    num_labels : int
+        The federation's class count, sent with every instruction (an owner's file need not hold every class).
     clients_per_round : int
         How many partitions train in each round.
     seed : int
         Seeds the client sampling sequence (one independent stream per round).
     delta : float
         The delta at which clients report epsilon (recorded with each client's privacy entry).
+    min_replies : int
+        Valid updates a round needs to change the global adapter; with fewer the round is dropped.
     ledger : ServerPrivacyLedger, optional
-        The server's own privacy account (None without DP); a client whose reported epsilon disagrees
-        with it is not aggregated.
+        The server's own privacy account (None without DP); a client whose reported epsilon, noise or sample
+        rate disagrees with it is not aggregated. Every client instructed to train is charged for the round.
     target_epsilon : float, optional
         With a ledger: no client is selected for a round that would take it past this epsilon.
     local_eval : bool
@@ -77,12 +110,16 @@ class LoraStrategy(FedAvg):
 
     def __init__(
         self,
+        *,
         method: FederatedLoraMethod,
         nodes: Mapping[int, int],
-        num_examples: Mapping[int, int],
+        plans: Mapping[int, ClientPlan],
+        num_eval_examples: Mapping[int, int],
+        num_labels: int,
         clients_per_round: int,
         seed: int,
         delta: float,
+        min_replies: int = 1,
         ledger: ServerPrivacyLedger | None = None,
         target_epsilon: float | None = None,
         local_eval: bool = False,
@@ -92,15 +129,23 @@ class LoraStrategy(FedAvg):
         )
         self.method = method
         self.nodes = dict(nodes)
-        self.num_examples = dict(num_examples)
+        self.plans = dict(plans)
+        self.num_eval_examples = dict(num_eval_examples)
+        self.num_labels = num_labels
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.delta = delta
+        self.min_replies = min_replies
         self.ledger = ledger
         self.target_epsilon = target_epsilon
-        self.rounds: dict[int, RoundRecord] = {}
-        self._global: dict[str, torch.Tensor] = {}
         self._partition_of = {node: partition for partition, node in self.nodes.items()}
+        self._round: _RoundInProgress | None = None
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t├── Method: %r", self.method)
+        log(INFO, "\t├── Clients per round: %d of %d", self.clients_per_round, len(self.nodes))
+        log(INFO, "\t└── Valid updates a round needs: %d", self.min_replies)
 
     def sample_partitions(self, server_round: int) -> list[int]:
         """The partitions that train in this round: depends only on (seed, round, budgets), never on the method.
@@ -110,7 +155,8 @@ class LoraStrategy(FedAvg):
         """
         eligible = sorted(self.nodes)
         if self.ledger is not None and self.target_epsilon is not None:
-            eligible = [p for p in eligible if self.ledger.can_train(p, self.target_epsilon)]
+            ledger, target = self.ledger, self.target_epsilon
+            eligible = [p for p in eligible if ledger.can_train(p, target)]
             skipped = sorted(set(self.nodes) - set(eligible))
             if skipped:
                 log(
@@ -122,133 +168,193 @@ class LoraStrategy(FedAvg):
         chosen = rng.choice(eligible, size=min(self.clients_per_round, len(eligible)), replace=False)
         return sorted(int(partition) for partition in chosen)
 
+    # --- one round, as the server drives it --------------------------------------------------------------
+
+    def train_round(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float | None
+    ) -> tuple[ArrayRecord | None, RoundRecord]:
+        """Instruct this round's clients, collect and check their replies, aggregate: the new global arrays
+        (None when the round was dropped) and what happened."""
+        replies = grid.send_and_receive(
+            self.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=timeout
+        )
+        new_arrays = self._aggregate(server_round, replies)
+        assert self._round is not None
+        return new_arrays, self._round.record
+
+    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float | None) -> None:
+        """Per-client evaluation of the new global arrays; the scores go into the round's record."""
+        messages = self.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+        if messages:
+            self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+
+    # --- Flower's hooks ----------------------------------------------------------------------------------
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._global = arrays.to_torch_state_dict()
+        sent = arrays.to_torch_state_dict()
         partitions = self.sample_partitions(server_round)
-        train_keys = sorted(self.method.uplink_keys(self._global.keys(), server_round))
-        record = RecordDict(
-            {
-                "arrays": arrays,
-                "config": ConfigRecord({**config, "server-round": server_round, "train-keys": train_keys}),
-            }
-        )
-        self.rounds[server_round] = RoundRecord(bytes_down=arrays.count_bytes() * len(partitions))
-        log(INFO, "round %d: training partitions %s on %s", server_round, partitions, train_keys[:2])
-        return [Message(record, self.nodes[p], MessageType.TRAIN) for p in partitions]
+        train_keys = tuple(sorted(self.method.uplink_keys(sent.keys(), server_round)))
+        record = RoundRecord(instructed=partitions, bytes_down=arrays.count_bytes() * len(partitions))
+        self._round = _RoundInProgress(server_round, sent, record)
+        messages = []
+        for partition in partitions:
+            if self.ledger is not None:
+                # Charged now, before any reply: a client that trains and then dies, or whose reply is lost,
+                # has spent the round all the same.
+                self.ledger.record_training(partition, server_round)
+                rounds = tuple(self.ledger.rounds[partition])
+            else:
+                rounds = (server_round,)
+            plan = self.plans[partition]
+            instruction = TrainInstruction(
+                server_round, train_keys, self.num_labels, plan.noise_multiplier, plan.sample_rate, rounds
+            )
+            content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**config, **instruction.to_record()})})
+            messages.append(Message(content, self.nodes[partition], MessageType.TRAIN))
+        log(INFO, "round %d: training partitions %s on %s", server_round, partitions, list(train_keys[:2]))
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        record = self.rounds[server_round]
-        expected = self.method.uplink_keys(self._global.keys(), server_round)
-        updates: list[ClientUpdate] = []
-        losses: list[tuple[float, int]] = []
-        for reply in replies:
-            partition = self._partition_of.get(reply.metadata.src_node_id, -1)
-            if self.ledger is not None and partition >= 0 and not reply.has_error():
-                self.ledger.record_training(partition, server_round)
-            try:
-                update, metrics = self._validated(reply, partition, expected)
-            except InvalidReply as reason:
-                record.rejected[partition] = str(reason)
-                log(ERROR, "round %d: rejected reply from partition %d: %s", server_round, partition, reason)
-                continue
-            updates.append(update)
-            record.clients.append(partition)
-            record.bytes_up += reply.content["arrays"].count_bytes()
-            record.privacy[partition] = {
-                "epsilon": float(metrics["epsilon"]),
-                "sigma": float(metrics["noise-multiplier"]),
-                "sample_rate": float(metrics["sample-rate"]),
-                "steps": int(metrics["steps"]),
-                "delta": self.delta,
-            }
-            losses.append((float(metrics["train-loss"]), update.num_examples))
-        record.clients.sort()
-        if not updates:
-            log(WARNING, "round %d: no valid replies; the global adapter is unchanged", server_round)
-            return None, None
-        finite = [(loss, n) for loss, n in losses if math.isfinite(loss)]
-        if finite:
-            record.train_loss = sum(loss * n for loss, n in finite) / sum(n for _, n in finite)
-        new_global = self.method.aggregate(self._global, updates, server_round)
-        return ArrayRecord(new_global), MetricRecord({"train-loss": record.train_loss})
+        new_arrays = self._aggregate(server_round, replies)
+        assert self._round is not None
+        loss = self._round.record.train_loss
+        return new_arrays, None if new_arrays is None else MetricRecord(
+            {"train-loss": loss if loss is not None else 0.0}
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
-        record = RecordDict({"arrays": arrays, "config": ConfigRecord({**config, "server-round": server_round})})
+        content = RecordDict(
+            {
+                ARRAYS: arrays,
+                CONFIG: ConfigRecord({**config, "server-round": server_round, "num-labels": self.num_labels}),
+            }
+        )
         # Every client, not a sample: the per-client score is a mean over the whole federation.
-        return [Message(record, self.nodes[p], MessageType.EVALUATE) for p in sorted(self.nodes)]
+        return [Message(content, self.nodes[p], MessageType.EVALUATE) for p in sorted(self.nodes)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        scores: list[tuple[float, float, int]] = []
+        if self._round is None or self._round.server_round != server_round:
+            raise AggregationError(f"evaluation replies for round {server_round}, but that round was not trained")
+        record = self._round.record
+        scores: list[EvaluationReply] = []
+        seen: set[int] = set()
         for reply in replies:
             partition = self._partition_of.get(reply.metadata.src_node_id, -1)
             try:
-                scores.append(self._validated_score(reply))
-            except InvalidReply as reason:
+                if reply.has_error():
+                    raise ProtocolError(f"client error: {reply.error.reason}")
+                if partition < 0 or partition in seen:
+                    raise ProtocolError("reply from an unknown node, or a second reply from one partition")
+                seen.add(partition)
+                metrics = reply.content.metric_records.get(METRICS)
+                if metrics is None:
+                    raise ProtocolError(f"reply lacks '{METRICS}'")
+                scores.append(EvaluationReply.parse(dict(metrics), planned_examples=self.num_eval_examples[partition]))
+            except ProtocolError as reason:
                 log(ERROR, "round %d: rejected evaluation from partition %d: %s", server_round, partition, reason)
         if not scores:
             return None
-        total = sum(n for _, _, n in scores)
-        record = self.rounds.setdefault(server_round, RoundRecord())
-        record.local_accuracy = sum(acc * n for acc, _, n in scores) / total
-        record.local_loss = sum(loss * n for _, loss, n in scores) / total
+        total = sum(score.num_examples for score in scores)
+        record.local_accuracy = sum(score.accuracy * score.num_examples for score in scores) / total
+        record.local_loss = sum(score.loss * score.num_examples for score in scores) / total
         return MetricRecord({"local-accuracy": record.local_accuracy, "local-loss": record.local_loss})
 
-    @staticmethod
-    def _validated_score(reply: Message) -> tuple[float, float, int]:
-        if reply.has_error():
-            raise InvalidReply(f"client error: {reply.error.reason}")
-        metrics = reply.content.metric_records.get("metrics")
-        if metrics is None or any(key not in metrics for key in ("accuracy", "loss", "num-examples")):
-            raise InvalidReply("evaluation reply lacks accuracy, loss or num-examples")
-        accuracy, loss, count = float(metrics["accuracy"]), float(metrics["loss"]), int(metrics["num-examples"])
-        if not (0.0 <= accuracy <= 1.0 and math.isfinite(loss) and count > 0):
-            raise InvalidReply(f"implausible evaluation: accuracy {accuracy}, loss {loss}, examples {count}")
-        return accuracy, loss, count
+    # --- the checks and the aggregation --------------------------------------------------------------------
 
-    def _validated(
-        self, reply: Message, partition: int, expected: set[str]
-    ) -> tuple[ClientUpdate, Mapping[str, float | int]]:
-        """Turn a reply into an update, or say exactly why it cannot be aggregated."""
+    def _aggregate(self, server_round: int, replies: Iterable[Message]) -> ArrayRecord | None:
+        if self._round is None or self._round.server_round != server_round:
+            raise AggregationError(f"replies for round {server_round}, but configure_train did not run for it")
+        sent, record = self._round.sent, self._round.record
+        expected = self.method.uplink_keys(sent.keys(), server_round)
+        shapes = {key: tuple(sent[key].shape) for key in expected}
+        updates: list[ClientUpdate] = []
+        partitions: list[int] = []
+        losses: list[tuple[float, int]] = []
+        for reply in replies:
+            partition = self._partition_of.get(reply.metadata.src_node_id, -1)
+            try:
+                if partition not in record.instructed or partition in partitions or partition in record.rejected:
+                    raise ProtocolError("reply from a node that was not instructed, or a second reply")
+                update, report = self._checked(reply, partition, shapes)
+            except ProtocolError as reason:
+                record.rejected[partition] = str(reason)
+                log(ERROR, "round %d: rejected reply from partition %d: %s", server_round, partition, reason)
+                continue
+            updates.append(update)
+            partitions.append(partition)
+            record.bytes_up += reply.content[ARRAYS].count_bytes()
+            record.privacy[partition] = {
+                "epsilon": report.epsilon,
+                "sigma": report.noise_multiplier,
+                "sample_rate": report.sample_rate,
+                "steps": report.steps,
+                "delta": self.delta,
+            }
+            if report.train_loss is not None:
+                losses.append((report.train_loss, update.num_examples))
+        for partition in record.instructed:
+            if partition not in partitions and partition not in record.rejected:
+                record.rejected[partition] = "no reply"
+                log(ERROR, "round %d: no reply from partition %d", server_round, partition)
+        record.clients = sorted(partitions)
+        if losses:
+            record.train_loss = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+        if len(updates) < self.min_replies:
+            record.dropped = f"{len(updates)} valid update(s), {self.min_replies} needed"
+            log(WARNING, "round %d: %s; the global adapter is unchanged", server_round, record.dropped)
+            return None
+        updates, scales = bound_update_norms(sent, updates)
+        record.clipped = {p: scale for p, scale in zip(partitions, scales, strict=True) if scale < 1.0}
+        for partition, scale in record.clipped.items():
+            log(
+                WARNING,
+                "round %d: partition %d's change was scaled by %.3g to the round's bound",
+                server_round,
+                partition,
+                scale,
+            )
+        new_global = self.method.aggregate(sent, updates, server_round)
+        if not all(bool(torch.isfinite(value).all()) for value in new_global.values()):
+            record.dropped = "the aggregate is not finite"
+            log(ERROR, "round %d: %s; the global adapter is unchanged", server_round, record.dropped)
+            return None
+        return ArrayRecord(new_global)
+
+    def _checked(
+        self, reply: Message, partition: int, shapes: Mapping[str, tuple[int, ...]]
+    ) -> tuple[ClientUpdate, TrainReply]:
+        """Turn a reply into an update, or raise ProtocolError saying exactly why it cannot be aggregated."""
         if reply.has_error():
-            raise InvalidReply(f"client error: {reply.error.reason}")
-        if partition < 0:
-            raise InvalidReply(f"unknown node {reply.metadata.src_node_id}")
+            raise ProtocolError(f"client error: {reply.error.reason}")
         content = reply.content
-        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            raise InvalidReply("reply lacks 'arrays' or 'metrics'")
-        metrics = content.metric_records["metrics"]
-        required = ("num-examples", "epsilon", "noise-multiplier", "sample-rate", "steps", "train-loss")
-        missing = [key for key in required if key not in metrics]
-        if missing:
-            raise InvalidReply(f"metrics lack {missing}")
-        if int(metrics["num-examples"]) != self.num_examples[partition]:
-            raise InvalidReply(
-                f"num-examples {metrics['num-examples']} != {self.num_examples[partition]} planned for it"
-            )
-        if self.ledger is not None and (reason := self.ledger.mismatch(partition, float(metrics["epsilon"]))):
-            raise InvalidReply(reason)
-        arrays = content.array_records["arrays"]
-        if set(arrays.keys()) != expected:
-            raise InvalidReply(
-                f"uploaded keys differ from the trained ones: missing {sorted(expected - set(arrays.keys()))[:2]}, "
-                f"unexpected {sorted(set(arrays.keys()) - expected)[:2]}"
-            )
-        tensors: dict[str, torch.Tensor] = {}
-        for key, array in arrays.items():
-            value = np.asarray(array.numpy())
-            if value.dtype != np.float32:
-                raise InvalidReply(f"{key}: dtype {value.dtype}, expected float32")
-            if value.shape != tuple(self._global[key].shape):
-                raise InvalidReply(f"{key}: shape {value.shape}, expected {tuple(self._global[key].shape)}")
-            if not np.isfinite(value).all():
-                raise InvalidReply(f"{key}: non-finite values")
-            tensors[key] = torch.from_numpy(value.copy())
-        return ClientUpdate(tensors, self.num_examples[partition]), metrics
+        if ARRAYS not in content.array_records or METRICS not in content.metric_records:
+            raise ProtocolError(f"reply lacks '{ARRAYS}' or '{METRICS}'")
+        report = TrainReply.parse(dict(content.metric_records[METRICS]))
+        if report.partition_id != partition:
+            raise ProtocolError(f"'partition-id' = {report.partition_id} but the reply came from partition {partition}")
+        plan = self.plans[partition]
+        if report.num_examples != plan.num_examples:
+            raise ProtocolError(f"'num-examples' = {report.num_examples} != {plan.num_examples} planned")
+        for key, reported, planned in (
+            ("noise-multiplier", report.noise_multiplier, plan.noise_multiplier),
+            ("sample-rate", report.sample_rate, plan.sample_rate),
+        ):
+            if not math.isclose(reported, planned, rel_tol=PLAN_TOLERANCE):
+                raise ProtocolError(f"'{key}' = {reported:.6g} differs from the planned {planned:.6g}")
+        if self.ledger is not None and (reason := self.ledger.mismatch(partition, report.epsilon)):
+            raise ProtocolError(reason)
+        try:
+            uploaded = {key: np.asarray(array.numpy()) for key, array in content[ARRAYS].items()}
+        except (TypeError, ValueError) as err:
+            raise ProtocolError(f"arrays cannot be read: {type(err).__name__}") from None
+        checked = parse_arrays(uploaded, shapes)
+        tensors = {key: torch.from_numpy(value.copy()) for key, value in checked.items()}
+        return ClientUpdate(tensors, plan.num_examples), report

@@ -24,10 +24,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import write_sentiment_csv
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_from_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 from test_compose import (
@@ -44,7 +45,15 @@ from test_compose import (
 from test_ray_cluster import free_ports, process_tree, survivors
 
 from clients.app import PRIVACY_STATE_KEY
-from clients.node import NodeConfigError, NodeSettings, client_data, node_settings, persist_node_state, state_file
+from clients.node import (
+    NodeConfigError,
+    NodeSettings,
+    client_data,
+    node_settings,
+    persist_node_state,
+    saved_states,
+    state_directory,
+)
 from fedsvd.config import ExperimentConfig
 from fedsvd.privacy import PrivacyLedger
 from fedsvd.simulation import stop_process_trees
@@ -277,7 +286,8 @@ def test_every_superexec_authenticates_and_one_without_the_secret_gets_no_task(d
 def test_each_node_keeps_its_clients_privacy_state_in_its_own_state_dir(deployment: Deployment) -> None:
     report = json.loads((deployment.results / "privacy.json").read_text())
     for owner in (1, 2):
-        (saved,) = (deployment.base / "state" / f"owner-{owner}").glob("run-*.state")
+        (run_dir,) = (deployment.base / "state" / f"owner-{owner}").glob("run-*")
+        saved = saved_states(run_dir)[-1]
         state = recorddict_from_proto(ProtoRecordDict.FromString(saved.read_bytes()))
         ledger = PrivacyLedger.from_record(state[PRIVACY_STATE_KEY])  # type: ignore[arg-type]
         # The node's own accountant agrees with the server's ledger: every step of both rounds is in it.
@@ -307,25 +317,53 @@ def _context(run_id: int, state_dir: Path) -> Context:
     return Context(run_id=run_id, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 
+class _Message:
+    """A message as the mod reads it: its round and its type (a real Message needs a running Flower app)."""
+
+    def __init__(self, server_round: int, kind: str) -> None:
+        self.content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
+        self.metadata = SimpleNamespace(message_type=kind)
+
+    def has_content(self) -> bool:
+        return True
+
+
+def _message(server_round: int, kind: str = MessageType.TRAIN) -> Message:
+    return _Message(server_round, kind)  # type: ignore[return-value]
+
+
 def _count_round(_msg: object, context: Context) -> _Reply:
     rounds = int(context.state["ledger"]["rounds"]) if "ledger" in context.state else 0  # type: ignore[index]
     context.state["ledger"] = ConfigRecord({"rounds": rounds + 1})
     return _Reply()
 
 
+def _rounds(context: Context) -> int:
+    return int(context.state["ledger"]["rounds"])  # type: ignore[index]
+
+
 def test_a_restarted_node_continues_from_its_saved_state(tmp_path: Path) -> None:
-    for _ in range(2):
-        persist_node_state(None, _context(7, tmp_path), _count_round)  # type: ignore[arg-type]
+    for server_round in (1, 2):
+        persist_node_state(_message(server_round), _context(7, tmp_path), _count_round)
     # A SuperNode restarted within run 7 starts from an empty context, and must continue where it stopped.
     restarted = _context(7, tmp_path)
-    persist_node_state(None, restarted, _count_round)  # type: ignore[arg-type]
-    assert restarted.state["ledger"]["rounds"] == 3  # type: ignore[index]
+    persist_node_state(_message(3), restarted, _count_round)
+    assert _rounds(restarted) == 3
+    # Round 3 run again (a resumed server) starts from the state before round 3, not from round 3's own.
+    rerun = _context(7, tmp_path)
+    persist_node_state(_message(3), rerun, _count_round)
+    assert _rounds(rerun) == 3
+    # Evaluation of round 3 sees round 3's state and saves nothing.
+    evaluation = _context(7, tmp_path)
+    persist_node_state(_message(3, MessageType.EVALUATE), evaluation, lambda _m, _c: _Reply())
+    assert _rounds(evaluation) == 3
     # A failed message leaves the saved state alone; another run starts from scratch.
-    persist_node_state(None, _context(7, tmp_path), lambda _m, _c: _Reply(error=True))  # type: ignore[arg-type]
-    assert state_file(tmp_path, 7).exists() and not state_file(tmp_path, 8).exists()
+    persist_node_state(_message(4), _context(7, tmp_path), lambda _m, _c: _Reply(error=True))
+    assert [p.name for p in saved_states(state_directory(tmp_path, 7))] == [f"round-{r}.state" for r in (1, 2, 3)]
+    assert not state_directory(tmp_path, 8).exists()
     fresh_run = _context(8, tmp_path)
-    persist_node_state(None, fresh_run, _count_round)  # type: ignore[arg-type]
-    assert fresh_run.state["ledger"]["rounds"] == 1  # type: ignore[index]
+    persist_node_state(_message(1), fresh_run, _count_round)
+    assert _rounds(fresh_run) == 1
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ which factors each client keeps for itself across rounds (``personal_factors``: 
 
 from __future__ import annotations
 
+import math
 from abc import ABC
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -284,3 +285,46 @@ class FederatedLoraMethod(ABC):
         """Post-process the averaged arrays (``updates`` for rules that need each client's factors); the
         default keeps them as they are."""
         return arrays
+
+
+# Largest change a single upload may make, as a multiple of the round's lower-median change. Under DP-SGD every
+# client runs the same number of steps with the same clip norm and learning rate, so honest changes differ by
+# small factors (data skew, noise); 10x leaves them alone while a client sending values 10^6 times larger than
+# the others moves the average by at most p_k * 10 * median, as if it had trained ten times harder.
+UPDATE_NORM_BOUND = 10.0
+
+
+def bound_update_norms(
+    sent: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], factor: float = UPDATE_NORM_BOUND
+) -> tuple[list[ClientUpdate], list[float]]:
+    """Scale every client's change (upload minus what it was sent, over all its arrays as one vector) down to at
+    most ``factor`` times the lower median of the round's change norms.
+
+    The lower median stays an honest client's norm while fewer than half of the clients are outliers (with two
+    clients: the smaller one). A single client is never scaled: there is nothing to compare it with.
+
+    Returns
+    -------
+    The bounded updates (unscaled ones are the very objects passed in) and each update's scale (1.0: untouched).
+    """
+    if len(updates) < 2:
+        return list(updates), [1.0] * len(updates)
+    deltas = [
+        {key: value.to(torch.float64) - sent[key].to(torch.float64) for key, value in update.arrays.items()}
+        for update in updates
+    ]
+    norms = [math.sqrt(sum(float((d * d).sum()) for d in delta.values())) for delta in deltas]
+    bound = factor * sorted(norms)[(len(norms) - 1) // 2]
+    bounded, scales = [], []
+    for update, delta, norm in zip(updates, deltas, norms, strict=True):
+        if norm <= bound:
+            bounded.append(update)
+            scales.append(1.0)
+            continue
+        scale = bound / norm
+        arrays = {
+            key: (sent[key].to(torch.float64) + scale * d).to(update.arrays[key].dtype) for key, d in delta.items()
+        }
+        bounded.append(ClientUpdate(arrays, update.num_examples))
+        scales.append(scale)
+    return bounded, scales
