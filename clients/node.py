@@ -21,7 +21,6 @@ A data owner starts its SuperNode with, for example::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import tempfile
@@ -37,7 +36,7 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedsvd.config import ExperimentConfig
-from fedsvd.data import DataError, TextDataset, held_out_split, load_texts
+from fedsvd.data import DataError, TextDataset, held_out_split, load_file
 from fedsvd.federation import data_for
 from fedsvd.protocol import CONFIG, integer
 
@@ -118,13 +117,14 @@ def _path(node_config: Mapping[str, Any], key: str) -> Path | None:
 def client_data(cfg: ExperimentConfig, node: NodeSettings, num_labels: int) -> ClientData:
     """This client's examples, loaded once per process.
 
-    ``num_labels`` is the federation's class count (the server's); an owner's file must use class ids below it.
+    ``num_labels`` is the federation's class count (the server's); an owner's file must use class ids below it
+    (a row with another id, or a class name, is refused naming the file and row: see ``fedsvd.data.labels``).
     """
     if node.data_file is None:
         data = data_for(cfg)
         return ClientData(data.partitions[node.partition_id], data.local_eval[node.partition_id])
     try:
-        own = dataclasses.replace(load_texts(str(node.data_file)), num_labels=num_labels)
+        own = load_file(node.data_file, num_labels=num_labels)
         if cfg.local_eval_fraction == 0:
             return ClientData(own, None)
         # The same per-client stream as fedsvd.federation uses for partitions, so both modes split alike.
