@@ -9,24 +9,44 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+import torch
+from transformers import PreTrainedTokenizerBase
+
 from fedsvd.compare import Comparison, load_comparison, run_dir
-from fedsvd.config import ConfigError, ExperimentConfig, load_config, read_toml, resume_conflict
-from fedsvd.data import HUB_TASKS, DataError
-from fedsvd.federation import ClientPlan, plan_federation
-from fedsvd.model import ModelError, check_model
-from fedsvd.privacy import PrivacyConfigError, epsilon_of
-from fedsvd.results import CHECKPOINT_FILE, CONFIG_TOML, SUMMARY_JSON, has_results, progress_line, read_metrics
+from fedsvd.config import ConfigError, ExperimentConfig, load_config, ray_host_port, read_toml, resume_conflict
+from fedsvd.data import HUB_TASKS, DataError, truncation_share
+from fedsvd.federation import ClientPlan, data_for, plan_federation
+from fedsvd.model import ModelError, check_model, tokenizer_for
+from fedsvd.privacy import PrivacyConfigError, check_batch_size, epsilon_of
+from fedsvd.results import (
+    ADAPTER_FILE,
+    CHECKPOINT_FILE,
+    CONFIG_TOML,
+    METRICS_JSONL,
+    PRIVACY_JSON,
+    SUMMARY_JSON,
+    progress_line,
+    read_metrics,
+)
+from fedsvd.simulation import ray_address
 
 USER_ERRORS = (ConfigError, DataError, ModelError, PrivacyConfigError)
 
 EXIT_USAGE = 2
+# What a run writes into its directory (see results.py): any of them there means another run's results.
+RESULT_FILES = (SUMMARY_JSON, METRICS_JSONL, CHECKPOINT_FILE, PRIVACY_JSON, ADAPTER_FILE, CONFIG_TOML)
+# How long the pre-flight check waits for a Ray cluster to accept a connection.
+RAY_CONNECT_TIMEOUT_S = 3.0
 
 
 def _fail(message: str) -> int:
@@ -45,18 +65,84 @@ def _show_round(row: dict) -> None:
     print(progress_line(row), flush=True)
 
 
-def preflight(cfg: ExperimentConfig) -> None:
-    """Everything that can be wrong with a config is found here, before any process starts."""
-    check_model(cfg.model)
+def _check_out_dir(out_dir: Path, option: str) -> None:
+    """Refuse an output directory that cannot be created or written, before anything starts and writing nothing:
+    a probe directory is created and removed in it, or in the nearest existing directory above it (where the run
+    will create it)."""
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == out_dir else f"cannot be created: {str(existing)!r} is a file"
+        raise ConfigError(f"{option} {str(out_dir)!r} {where}, not a directory; choose another directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedsvd-probe-", dir=existing))
+    except OSError as err:
+        raise ConfigError(
+            f"{option} {str(out_dir)!r} cannot be written ({str(existing)!r}: {err.strerror or err}); "
+            "choose another directory"
+        ) from None
+
+
+def _check_resources(cfg: ExperimentConfig) -> None:
+    """What the run asks of this machine or of the Ray cluster it joins.
+
+    CPU cores and GPUs are checked for a private local Ray only: a cluster's are its nodes' (Ray would wait for a
+    node that fits). A cluster address must accept a connection; 'auto' is left to Ray, which resolves it from its
+    own session files.
+    """
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' is not allowed: no CUDA GPU is visible here; use 'auto' or 'cpu'")
+    address = ray_address(cfg, os.environ)
+    key = "ray_address" if cfg.ray_address else "RAY_ADDRESS"
+    if address == "local":
+        cores = os.cpu_count() or 1
+        if cfg.client_cpus > cores:
+            raise ConfigError(
+                f"client_cpus = {cfg.client_cpus} is not allowed: must be <= {cores}, the CPU cores of this machine "
+                "(Ray would never schedule a client)"
+            )
+        if cfg.client_gpus > 0 and not torch.cuda.is_available():
+            raise ConfigError(
+                f"client_gpus = {cfg.client_gpus!r} is not allowed: must be 0, no CUDA GPU is visible here "
+                "(Ray would never schedule a client)"
+            )
+    elif address != "auto":
+        endpoint = ray_host_port(address)
+        if endpoint is None:  # the config's own value is checked with the config: this one came from $RAY_ADDRESS
+            raise ConfigError(f"{key} = {address!r} is not allowed: must be 'local', 'auto' or host:port")
+        try:
+            socket.create_connection(endpoint, timeout=RAY_CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise ConfigError(
+                f"{key} = {address!r}: no Ray cluster answers there within {RAY_CONNECT_TIMEOUT_S:g} s "
+                f"({err.strerror or err}); start one with `ray start --head`, or leave ray_address empty for a "
+                "private local Ray"
+            ) from None
+
+
+def _check_batch_size(cfg: ExperimentConfig, plans: Sequence[ClientPlan]) -> None:
+    smallest = min(plans, key=lambda plan: plan.num_examples)
+    check_batch_size(cfg.batch_size, smallest.num_examples, f"client {smallest.partition_id}")
+
+
+def preflight(cfg: ExperimentConfig) -> tuple[list[ClientPlan], PreTrainedTokenizerBase]:
+    """Everything that can be wrong with a run, found before any process starts: what it asks of this machine or
+    its Ray cluster, the model (built on the meta device, no weights loaded), the data, and every client's privacy
+    plan. Returns the plans and the model's tokenizer."""
+    _check_resources(cfg)
+    tokenizer = check_model(
+        cfg.model, targets=cfg.targets, rank=cfg.lora_rank, max_length=cfg.max_length, pooling=cfg.pooling
+    )
     plans = plan_federation(cfg)
-    sizes = ", ".join(str(plan.num_examples) for plan in plans)
-    sigmas = ", ".join(f"{plan.noise_multiplier:.2f}" for plan in plans)
-    print(f"clients: {cfg.num_clients} ({cfg.partition}), examples per client: {sizes}")
-    if cfg.dp:
-        print(
-            f"DP-SGD: target eps {cfg.epsilon:g} at delta {cfg.delta:g} over {cfg.rounds * cfg.local_steps} planned "
-            f"steps, clip {cfg.clip_norm:g}, noise multipliers: {sigmas}"
-        )
+    _check_batch_size(cfg, plans)
+    return plans, tokenizer
+
+
+def _truncation_line(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> str:
+    """How much of the clients' training text ``max_length`` cuts off, so that a too short one is seen up front."""
+    partitions = data_for(cfg).partitions
+    truncated = sum(truncation_share(part, tokenizer, cfg.max_length) * len(part) for part in partitions)
+    share = truncated / max(1, sum(len(part) for part in partitions))
+    return f"max_length {cfg.max_length} truncates {100 * share:.1f} % of training examples"
 
 
 def _resumed_config(directory: str, overrides: Sequence[str]) -> tuple[ExperimentConfig, Path]:
@@ -94,11 +180,26 @@ def command_run(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(args.config, args.set or ())
             out_dir = _out_dir(cfg, args.out)
-            if has_results(out_dir):
-                raise ConfigError(f"--out {str(out_dir)!r} already holds results; choose another directory")
+            if held := [name for name in RESULT_FILES if (out_dir / name).exists()]:
+                unfinished = "" if held[0] == SUMMARY_JSON else ", or continue its unfinished run with --resume"
+                raise ConfigError(
+                    f"--out {str(out_dir)!r} already holds results ({held[0]}); choose another directory{unfinished}"
+                )
+        _check_out_dir(out_dir, "--resume" if args.resume else "--out")
         action = f"resuming {out_dir}" if cfg.resume else str(out_dir)
         print(f"fedsvd run: {cfg.method} on {cfg.dataset}, model {cfg.model}, {cfg.rounds} rounds -> {action}")
-        preflight(cfg)
+        plans, tokenizer = preflight(cfg)
+        print(
+            f"clients: {cfg.num_clients} ({cfg.partition}), examples per client: "
+            + ", ".join(str(plan.num_examples) for plan in plans)
+        )
+        if cfg.dp:
+            print(
+                f"DP-SGD: target eps {cfg.epsilon:g} at delta {cfg.delta:g} over {cfg.rounds * cfg.local_steps} "
+                f"planned steps, clip {cfg.clip_norm:g}, noise multipliers: "
+                + ", ".join(f"{plan.noise_multiplier:.2f}" for plan in plans)
+            )
+        print(_truncation_line(cfg, tokenizer))
     except USER_ERRORS as err:
         return _fail(str(err))
 
@@ -176,11 +277,10 @@ def command_compare(args: argparse.Namespace) -> int:
         comparison = load_comparison(args.config, args.seeds)
         out_dir = Path(args.out or Path("results", f"compare-{Path(args.config).stem}-{_stamp()}")).resolve()
         _check_comparison_dir(out_dir, comparison, args.resume)
+        _check_out_dir(out_dir, "--out")
         jobs = [(run, seed, comparison.config(run, seed)) for seed in comparison.seeds for run in comparison.runs]
-        for model in sorted({cfg.model for _, _, cfg in jobs}):
-            check_model(model)
         for _, _, cfg in jobs:
-            plan_federation(cfg)  # data, partitions and every client's delta / noise plan
+            preflight(cfg)
     except USER_ERRORS as err:
         return _fail(str(err))
 
@@ -265,12 +365,20 @@ def print_plan(cfg: ExperimentConfig, title: str) -> None:
             raise
         # Partition sizes depend only on the class counts and the seed: the plan is exact without the data.
         plans = plan_federation(cfg, from_label_counts=True)
-        print(f"note: {cfg.dataset}'s data is not available here; client sizes come from its published label counts")
+        note = f"note: {cfg.dataset}'s data is not available here; client sizes come from its published label counts"
+    else:
+        # A plan needs no model: one that cannot be had here only leaves the truncation uncounted.
+        try:
+            note = _truncation_line(cfg, tokenizer_for(cfg.model))
+        except ModelError as err:
+            note = f"note: truncation by max_length not counted: {err}"
+    _check_batch_size(cfg, plans)
     checkpoints = sorted({max(1, math.ceil(cfg.rounds * tenth / 10)) for tenth in range(1, 11)})
     print(
         f"{title}: {cfg.dataset}, {cfg.num_clients} clients ({cfg.partition}), {cfg.clients_per_round} per round, "
         f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch {cfg.batch_size}"
     )
+    print(note)
     if not cfg.dp:
         print("dp = false: no clipping, no noise, no privacy guarantee")
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,14 @@ MAX_SHORT_ROUNDS = 3
 # Keys a resumed run may change: none of them changes what the finished rounds computed. Raising `rounds` trains
 # longer with the noise planned at the start (so clients stop at their budget); the rest say where it runs.
 RESUMABLE_KEYS = ("rounds", "client_cpus", "client_gpus", "ray_address", "out_dir", "client_state_dir", "resume")
+# Seeds feed numpy's SeedSequence (non-negative only) and torch.manual_seed, and derived seeds are drawn as
+# uint32: one 32-bit range that every consumer accepts.
+MAX_SEED = 2**32 - 1
+# Ray addresses that name no host: '' (then $RAY_ADDRESS, else 'local'), a private local Ray, or the cluster
+# that `ray start` last started on this machine (Ray resolves 'auto' itself).
+RAY_SPECIAL_ADDRESSES = ("", "local", "auto")
+# A cluster's address: host:port, optionally as a Ray Client URL (ray://host:port); IPv6 hosts in brackets.
+_RAY_HOST_PORT = re.compile(r"(?:ray://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(?P<port>[0-9]{1,5})")
 
 
 class ConfigError(ValueError):
@@ -68,6 +77,23 @@ def _accountant(value: str) -> bool:
 
 
 _accountant.allowed = ACCOUNTANTS  # type: ignore[attr-defined]
+
+
+def _seed(value: int) -> bool:
+    return 0 <= value <= MAX_SEED
+
+
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """The (host, port) a Ray cluster address names; None for one that names none (see RAY_SPECIAL_ADDRESSES) or
+    that is malformed."""
+    match = _RAY_HOST_PORT.fullmatch(address)
+    if match is None or not 0 < int(match["port"]) < 2**16:
+        return None
+    return match["host"].strip("[]"), int(match["port"])
+
+
+def _ray_address(value: str) -> bool:
+    return value in RAY_SPECIAL_ADDRESSES or ray_host_port(value) is not None
 
 
 def _key(default: ConfigValue, help: str, check=None, allowed: str = "") -> Any:
@@ -134,13 +160,17 @@ class ExperimentConfig:
     clip_norm: float = _key(2.0, "per-sample gradient clipping norm C", _positive, "> 0")
     accountant: str = _key("rdp", "privacy accountant", _accountant)
     # Execution.
-    seed: int = _key(0, "seed for data split, partitions, client sampling, LoRA init and DP noise")
+    seed: int = _key(
+        0, "seed for data split, partitions, client sampling, LoRA init and DP noise", _seed, f"in [0, {MAX_SEED}]"
+    )
     device: str = _key("auto", "where clients and the server compute", _one_of(*DEVICES))
     client_cpus: int = _key(2, "Ray: CPUs reserved per simulated client", _positive, "> 0")
     client_gpus: float = _key(0.0, "Ray: GPU fraction per simulated client (0 = none)", None, "in [0, 1]")
     ray_address: str = _key(
         "",
         "Ray: cluster the simulation joins, e.g. '10.0.0.1:6379' ('' = $RAY_ADDRESS if set, else a private local Ray)",
+        _ray_address,
+        "'', 'local', 'auto' or host:port (e.g. '10.0.0.1:6379')",
     )
     out_dir: str = _key("", "where results go ('' = results/<method>-<time>)")
     # Faults and recovery.
@@ -168,6 +198,12 @@ class ExperimentConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             check = f.metadata["check"]
+            # inf and nan pass every comparison a float key's own check makes (inf > 0), and nothing downstream
+            # can run with them: an infinite epsilon, for one, sends the noise calibration towards sigma = 0.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"{f.name} = {value!r} is not allowed: must be a finite number {f.metadata['allowed']}"
+                )
             if check is not None and not check(value):
                 allowed = f.metadata["allowed"] or "one of: " + ", ".join(check.allowed)
                 raise ConfigError(f"{f.name} = {value!r} is not allowed: must be {allowed}")
@@ -261,6 +297,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8 by definition
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
 
 
 def parse_override(text: str) -> tuple[str, ConfigValue]:

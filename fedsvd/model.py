@@ -8,21 +8,38 @@ the base weight of every adapted module (``...query.base_layer.weight``).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
+from transformers.utils import CONFIG_NAME
 
 from fedsvd.methods.base import ArrayDict, factor_of, is_base_weight
 
@@ -30,6 +47,11 @@ DEFAULT_MODEL = "minilm"
 ADAPTER_NAME = "default"
 # Classification heads of the HF sequence-classification models (BERT/RoBERTa use `classifier`, decoders `score`).
 HEAD_MODULES = ("classifier", "score")
+# How long the pre-flight check waits for the Hugging Face hub to answer, once, without retries: a model that is
+# neither a local directory nor cached cannot be used without the hub, and transformers' own retries take ~25 s.
+HUB_TIMEOUT_S = 5.0
+# Module names an unknown LoRA target's error suggests, at most.
+SUGGESTED_TARGETS = 8
 
 
 class ModelError(ValueError):
@@ -45,13 +67,153 @@ def model_path(name: str) -> str:
     return name
 
 
-def check_model(name: str) -> None:
-    """Fail early, with the model's name, if its config cannot be read (missing dir, unknown hub name)."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files come from: ``path`` is a local directory or a hub name; ``local_only`` reads them from
+    disk only (a directory, or a hub model in the cache while the hub cannot be reached or HF_HUB_OFFLINE is set)."""
+
+    path: str
+    local_only: bool
+
+
+def locate_model(name: str) -> ModelSource:
+    """Find a model's files within seconds, or fail with one line that says why they cannot be had."""
+    path = model_path(name)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return ModelSource(str(local), local_only=True)
+    if local.exists():
+        raise ModelError(f"model = {name!r} is a file, not a model directory")
     try:
-        AutoConfig.from_pretrained(model_path(name), local_files_only=Path(model_path(name)).is_dir())
+        validate_repo_id(path)
+    except HFValidationError:  # a path, not a hub name ('org/name')
+        raise ModelError(f"model = {name!r}: no such directory") from None
+    cached = isinstance(try_to_load_from_cache(path, CONFIG_NAME), str)
+    if hub_constants.HF_HUB_OFFLINE:
+        if cached:
+            return ModelSource(path, local_only=True)
+        raise ModelError(
+            f"model = {name!r}: no such directory, and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+        )
+    try:
+        get_hf_file_metadata(hf_hub_url(path, CONFIG_NAME), timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise ModelError(
+            f"model = {name!r} is gated on the Hugging Face hub: accept its terms there and log in"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model = {name!r}: no such directory, and no such model on the Hugging Face hub") from None
+    except EntryNotFoundError:
+        raise ModelError(
+            f"model = {name!r} has no {CONFIG_NAME} on the Hugging Face hub: not a transformers model"
+        ) from None
+    except HfHubHTTPError as err:
+        raise ModelError(f"model = {name!r}: the Hugging Face hub answered {_first_line(err)}") from None
+    except Exception as err:  # no answer at all (DNS, refused, timeout); the types depend on the hub's HTTP client
+        if cached:
+            return ModelSource(path, local_only=True)
+        raise ModelError(
+            f"model = {name!r}: no such directory, not in the Hugging Face cache, and the hub cannot be reached "
+            f"({_first_line(err)}); connect to the network, or set model to a local directory"
+        ) from None
+    return ModelSource(path, local_only=False)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def tokenizer_for(name: str, source: ModelSource | None = None) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, from ``source`` (default: ``locate_model(name)``); ModelError if it cannot be had."""
+    source = source or locate_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(source.path, local_files_only=source.local_only)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model = {name!r} cannot be loaded: {first_line}") from None
+        raise ModelError(f"model = {name!r} has no usable tokenizer: {_first_line(err)}") from None
+
+
+@functools.lru_cache(maxsize=16)  # a comparison checks the same model for every run and seed
+def check_model(
+    name: str, *, targets: Sequence[str], rank: int, max_length: int, pooling: str
+) -> PreTrainedTokenizerBase:
+    """Everything about the model that a run would fail on, found without loading a weight: it can be had (a
+    directory, the cache or the hub), ``max_length`` fits its positions, ``pooling`` finds its head, and every LoRA
+    target names modules LoRA can adapt, none smaller than ``rank``. The model is built on the meta device.
+
+    Returns its tokenizer, which the check loads anyway (the pre-flight counts truncation with it).
+    """
+    source = locate_model(name)
+    try:
+        config = AutoConfig.from_pretrained(source.path, local_files_only=source.local_only)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model = {name!r} cannot be loaded: {_first_line(err)}") from None
+    tokenizer = tokenizer_for(name, source)
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    positions = min((limit for limit in limits if isinstance(limit, int) and limit < VERY_LARGE_INTEGER), default=None)
+    if positions is not None and max_length > positions:
+        raise ModelError(
+            f"max_length = {max_length} is not allowed: must be <= {positions}, the longest input model {name!r} takes"
+        )
+    # The throwaway models' deprecation notices are the run's to show; here they would bury the one-line errors.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _check_head(_meta_model(name, config, pooling), name, pooling)
+        sizes = [size for target in targets for size in _adapted_sizes(name, config, pooling, targets, target)]
+    if rank > min(sizes):
+        raise ModelError(
+            f"lora_rank = {rank} is not allowed: must be <= {min(sizes)}, the smallest dimension of the modules "
+            f"{','.join(targets)!r} adapt (a larger rank adds parameters, not expressiveness)"
+        )
+    return tokenizer
+
+
+def _meta_model(name: str, config: PretrainedConfig, pooling: str) -> torch.nn.Module:
+    """The run's model architecture with every tensor on the meta device: its structure, not its memory."""
+    try:
+        with torch.device("meta"):
+            if pooling == "mean":
+                return MeanPoolingClassifier(AutoModel.from_config(config), config.num_labels)
+            return AutoModelForSequenceClassification.from_config(config)
+    except ValueError as err:  # transformers has no such class for this model type
+        what = "sequence-classification head" if pooling == "model" else "base model class"
+        hint = "; use pooling = 'mean'" if pooling == "model" else ""
+        raise ModelError(f"pooling = {pooling!r}: model {name!r} has no {what} in transformers{hint}") from err
+
+
+def _check_head(model: torch.nn.Module, name: str, pooling: str) -> None:
+    """The head is found by name (HEAD_MODULES): a head of another name would neither train nor travel."""
+    if not any(_is_head(module_name) for module_name, _ in model.named_modules()):
+        raise ModelError(
+            f"pooling = {pooling!r} is not allowed for model {name!r}: its head is not named "
+            f"{' or '.join(HEAD_MODULES)}; use pooling = 'mean'"
+        )
+
+
+def _adapted_sizes(name: str, config: PretrainedConfig, pooling: str, targets: Sequence[str], target: str) -> list[int]:
+    """min(in, out) of every module that LoRA adapts for ``target``; ModelError when it names none, or one that
+    PEFT cannot adapt. Each target gets a model of its own: PEFT refuses unknown targets only when none matches."""
+    model = _meta_model(name, config, pooling)
+    # PEFT's rule for a list of targets: the full module name, or its ending after a dot.
+    matched = {
+        type(module).__name__ for key, module in model.named_modules() if key == target or key.endswith(f".{target}")
+    }
+    refused = f"lora_targets = {','.join(targets)!r} is not allowed: {target!r} "
+    adaptable = dict.fromkeys(
+        key.rsplit(".", 1)[-1]
+        for key, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not _is_head(key)
+    )
+    suggestion = f"; modules LoRA can adapt include: {', '.join(list(adaptable)[:SUGGESTED_TARGETS])}"
+    if not matched:
+        raise ModelError(refused + f"matches no module of model {name!r}" + suggestion)
+    try:
+        adapted = get_peft_model(model, LoraConfig(r=1, target_modules=[target]))
+    except ValueError:
+        raise ModelError(
+            refused + f"matches {', '.join(sorted(matched))}, which LoRA cannot adapt" + suggestion
+        ) from None
+    return [min(layer.in_features, layer.out_features) for layer in adapted.modules() if isinstance(layer, LoraLayer)]
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:

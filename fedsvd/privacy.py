@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -51,6 +52,14 @@ PRV_EPS_ERROR_PER_ROOT_STEP = 5e-5
 
 # Calibration gives up beyond this noise multiplier (the target epsilon is then unreachably small).
 MAX_NOISE_MULTIPLIER = 1e6
+# ... and below this one: a target epsilon that needs less noise is refused, not run as "DP". At noise multiplier
+# sigma one DP-SGD step on a sampled record is (1 / sigma)-GDP (Dong, Roth & Su 2019), and their trade-off curves
+# show mu = 6 as already close to no privacy; at sigma = 0.1 (mu = 10) a membership test with a false-positive rate
+# of 1e-6 finds the record with probability Phi(10 - 4.75) > 0.9999999 in every step that samples it. The noise
+# is then under a tenth of the clip norm: what such an epsilon certifies is DP on paper only. The floor sits
+# well below what the targets of practice calibrate to (the defaults give 0.46-0.74; epsilon 50 still gives 0.15
+# for a single full-batch step), so it refuses targets like epsilon = 1e6, whose noise would print as 0.00.
+MIN_NOISE_MULTIPLIER = 0.1
 
 # One accountant entry: (noise multiplier, sample rate, steps), exactly as Opacus stores its history.
 PrivacyEvent = tuple[float, float, int]
@@ -76,6 +85,16 @@ def sample_rate_for(batch_size: int, num_examples: int) -> float:
     return min(1.0, batch_size / num_examples)
 
 
+def check_batch_size(batch_size: int, num_examples: int, client: str) -> None:
+    """Refuse an expected batch above a client's examples: its sample rate would be cut to 1, so that client
+    trains on full batches, not on the batch size the config states and the privacy plan is read for."""
+    if batch_size > num_examples:
+        raise PrivacyConfigError(
+            f"batch_size = {batch_size} is not allowed: must be <= {num_examples}, the training examples of {client} "
+            "(the smallest client); a larger expected batch needs a sample rate batch_size / n_k above 1"
+        )
+
+
 @functools.lru_cache(maxsize=256)  # a numerical search; every method of a comparison asks for the same plans
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
@@ -87,10 +106,12 @@ def calibrate_noise_multiplier(
     ``epsilon_of`` reports it, is at most the target and within 0.5 % (at most 0.005) of it.
     """
     check_accountant(accountant)
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise PrivacyConfigError(f"epsilon = {target_epsilon!r} is not allowed: must be a finite number > 0")
     tolerance = min(0.005, 0.005 * target_epsilon)
 
     def spent_rdp(sigma: float) -> float:
-        return epsilon_of([(sigma, sample_rate, steps)], delta, "rdp")
+        return _trial_epsilon(sigma, sample_rate, steps, delta, "rdp")
 
     # For PRV the RDP answer is only the start of the search: a coarse one will do.
     rdp_tolerance = tolerance if accountant == "rdp" else 0.02 * target_epsilon
@@ -101,9 +122,18 @@ def calibrate_noise_multiplier(
     # PRV is tighter than RDP, so it needs less noise: search downwards from the RDP answer, which keeps every
     # evaluation near the target (far-off noise multipliers make large PRV grids).
     def spent(sigma: float) -> float:
-        return epsilon_of([(sigma, sample_rate, steps)], delta, accountant)
+        return _trial_epsilon(sigma, sample_rate, steps, delta, accountant)
 
     return _solve_noise_multiplier(spent, target_epsilon, tolerance, start=sigma_rdp, factor=1.25)
+
+
+def _trial_epsilon(sigma: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
+    """Epsilon at one noise multiplier the calibration tries. Its bracketing tries sigmas far from the answer on
+    purpose, where Opacus warns that the optimal RDP order lies at the end of the orders: the bound there is only
+    looser (the answer, if anything, more noisy), and the warnings would bury the command's own output."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return epsilon_of([(sigma, sample_rate, steps)], delta, accountant)
 
 
 def _solve_noise_multiplier(
@@ -115,23 +145,33 @@ def _solve_noise_multiplier(
     max_evaluations: int = 60,
 ) -> float:
     """The noise multiplier sigma with ``target - tolerance <= spent(sigma) <= target``, for a ``spent`` that
-    falls with sigma. Bracket from ``start`` in steps of ``factor``, then the Illinois variant of regula falsi
-    on (log sigma, log epsilon), which needs a handful of evaluations where bisection needs 15-20.
+    falls with sigma. Bracket from ``start`` in steps of ``factor`` (> 1) within [MIN_NOISE_MULTIPLIER,
+    MAX_NOISE_MULTIPLIER], then the Illinois variant of regula falsi on (log sigma, log epsilon), which needs a
+    handful of evaluations where bisection needs 15-20.
 
-    Always returns a sigma with ``spent(sigma) <= target``; only its tightness depends on convergence.
+    Always returns a sigma with ``spent(sigma) <= target``; only its tightness depends on convergence. Every loop
+    is bounded: a target that needs a sigma outside the range is a PrivacyConfigError.
     """
     hi, e_hi = start, spent(start)
     while e_hi > target:
-        if hi > MAX_NOISE_MULTIPLIER:
-            raise PrivacyConfigError(f"epsilon = {target:g} is too small to reach with any noise multiplier")
-        hi *= factor
+        if hi >= MAX_NOISE_MULTIPLIER:
+            raise PrivacyConfigError(
+                f"epsilon = {target:g} is too small to reach with any noise multiplier up to "
+                f"{MAX_NOISE_MULTIPLIER:g}; raise epsilon (or delta, or lower rounds or local_steps)"
+            )
+        hi = min(hi * factor, MAX_NOISE_MULTIPLIER)
         e_hi = spent(hi)
     lo, e_lo = hi, e_hi
     while e_lo <= target:
         if target - e_lo <= tolerance:
             return lo
+        if lo <= MIN_NOISE_MULTIPLIER:
+            raise PrivacyConfigError(
+                f"epsilon = {target:g} is not allowed: it needs a noise multiplier below {MIN_NOISE_MULTIPLIER:g}, "
+                "noise too weak to protect anything; lower epsilon, or set dp = false for a non-private run"
+            )
         hi, e_hi = lo, e_lo
-        lo /= factor
+        lo = max(lo / factor, MIN_NOISE_MULTIPLIER)
         e_lo = spent(lo)
 
     def gap(eps: float) -> float:
