@@ -71,6 +71,8 @@ def progress_line(row: Mapping[str, Any]) -> str:
         + (f"local acc {local:.4f} | " if local is not None else "")
         + f"loss {row['loss']:.4f} | eps max {row['epsilon_max']:6.3f} mean {row['epsilon_mean']:6.3f} | "
         f"clients {trained:<12} | {row['seconds']:6.1f}s"
+        + (f" | failed {','.join(row['rejected'])}" if row.get("rejected") else "")
+        + (" | round dropped" if row.get("dropped") else "")
     )
 
 

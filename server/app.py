@@ -41,7 +41,7 @@ from fedsvd.results import (
     progress_line,
     write_restart_request,
 )
-from server.strategy import BudgetExhausted, LoraStrategy, RoundRecord
+from server.strategy import BudgetExhausted, LoraStrategy, RoundRecord, client_error
 
 # How long the server waits for every SuperNode to connect and introduce itself.
 DISCOVERY_TIMEOUT_S = 600.0
@@ -84,7 +84,7 @@ def discover_clients(grid: Grid, cfg: ExperimentConfig, num_labels: int) -> dict
         node = reply.metadata.src_node_id
         try:
             if reply.has_error():
-                raise ProtocolError(f"client error: {reply.error.reason}")
+                raise ProtocolError(client_error(reply))
             metrics = reply.content.metric_records.get(METRICS)
             if metrics is None:
                 raise ProtocolError(f"reply lacks '{METRICS}'")

@@ -45,6 +45,12 @@ from fedsvd.protocol import (
 PLAN_TOLERANCE = 1e-9
 
 
+def client_error(reply: Message) -> str:
+    """A client's error in one line: Flower passes on the whole exception text, tracebacks included."""
+    first_line = (reply.error.reason or "no reason given").strip().splitlines()[0]
+    return "client error: " + (first_line if len(first_line) <= 200 else first_line[:197] + "...")
+
+
 class BudgetExhausted(RuntimeError):
     """Too few clients have privacy budget left for another round: the run stops here."""
 
@@ -250,7 +256,7 @@ class LoraStrategy(FedAvg):
             partition = self._partition_of.get(reply.metadata.src_node_id, -1)
             try:
                 if reply.has_error():
-                    raise ProtocolError(f"client error: {reply.error.reason}")
+                    raise ProtocolError(client_error(reply))
                 if partition < 0 or partition in seen:
                     raise ProtocolError("reply from an unknown node, or a second reply from one partition")
                 seen.add(partition)
@@ -333,7 +339,7 @@ class LoraStrategy(FedAvg):
     ) -> tuple[ClientUpdate, TrainReply]:
         """Turn a reply into an update, or raise ProtocolError saying exactly why it cannot be aggregated."""
         if reply.has_error():
-            raise ProtocolError(f"client error: {reply.error.reason}")
+            raise ProtocolError(client_error(reply))
         content = reply.content
         if ARRAYS not in content.array_records or METRICS not in content.metric_records:
             raise ProtocolError(f"reply lacks '{ARRAYS}' or '{METRICS}'")

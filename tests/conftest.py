@@ -1,15 +1,22 @@
-"""Shared fixtures: a tiny randomly initialised BERT saved in HF format and synthetic labelled text.
+"""Shared fixtures: a tiny randomly initialised BERT saved in HF format, synthetic labelled text, and the
+real federations that several test modules inspect.
 
-Both go through exactly the code paths the real model and data use (a local model directory and a CSV
-file), so the tests need no hub and no download.
+The model and data go through exactly the code paths the real ones use (a local model directory and a CSV
+file), so the tests need no hub and no download. A federation costs tens of seconds to start, so the runs
+that many tests read are made once per session (``federation_runs``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
@@ -63,3 +70,64 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_sentiment_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", count=600)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS, CLIENTS = 2, 3
+# The settings every real federation of the tests shares (tiny model and data, DP at epsilon 4).
+TINY_FEDERATION = {"num_clients": CLIENTS, "local_steps": 3, "delta": 1e-3, "epsilon": 4, "client_cpus": 1, "lr": 0.5}
+FEDERATION_RUN_METHODS = ("fedsvd", "ffa", "fedavg")
+
+
+def flower_processes() -> set[int]:
+    """Flower and Ray processes this test session started, or that a finished run orphaned (adopted by init).
+
+    A federation another program is running on the same machine at the same time is neither: its processes
+    descend from that program, so they are not counted against these tests.
+    """
+    names = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server", "ray::")
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if not any(name in cmdline for name in names):
+                continue
+            ancestors = [parent.pid for parent in process.parents()]
+            if os.getpid() in ancestors or ancestors[:1] == [1] or not ancestors:
+                found.add(process.pid)
+    return found
+
+
+def fedsvd_command(out_dir: Path, tiny_bert: Path, sentiment_csv: Path, *arguments: str) -> list[str]:
+    """``fedsvd run`` of the tiny federation; ``arguments`` add a config file and --set overrides, which win over
+    the tiny federation's own settings (the last --set of a key counts)."""
+    command = [sys.executable, "-m", "fedsvd.cli", "run", "--out", str(out_dir)]
+    for key, value in {"model": tiny_bert, "dataset": sentiment_csv, **TINY_FEDERATION}.items():
+        command += ["--set", f"{key}={value}"]
+    return [*command, *arguments]
+
+
+def run_fedsvd(out_dir: Path, tiny_bert: Path, sentiment_csv: Path, *arguments: str) -> subprocess.CompletedProcess:
+    command = fedsvd_command(out_dir, tiny_bert, sentiment_csv, *arguments)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+
+
+def federation_run_arguments(method: str) -> tuple[str, ...]:
+    """How each of the shared runs was made: the method's config, ROUNDS rounds, 2 of 3 clients per round."""
+    return (f"configs/{method}.toml", "--set", f"rounds={ROUNDS}", "--set", "fraction=0.6")
+
+
+@pytest.fixture(scope="session")
+def federation_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path) -> dict[str, Path]:
+    """One 2-round, 3-client DP run per method, made once and inspected by tests of several modules."""
+    before = flower_processes()
+    out = {}
+    for method in FEDERATION_RUN_METHODS:
+        out_dir = tmp_path_factory.mktemp(method)
+        result = run_fedsvd(out_dir, tiny_bert, sentiment_csv, *federation_run_arguments(method))
+        assert result.returncode == 0, result.stdout + result.stderr
+        progress = [line for line in result.stdout.splitlines() if line.startswith("round ")]
+        assert len(progress) == ROUNDS + 1, result.stdout
+        out[method] = out_dir
+    assert flower_processes() <= before, "the run left Flower or Ray processes behind"
+    return out

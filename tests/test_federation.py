@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from conftest import CLIENTS, ROUNDS, flower_processes, run_fedsvd
 from dp_accounting import dp_event, rdp
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -21,55 +19,11 @@ from fedsvd.model import build_lora_model, get_arrays
 from fedsvd.privacy import RDP_ORDERS
 from fedsvd.results import CSV_COLUMNS
 
-ROUNDS, CLIENTS = 2, 3
-
-
-def _flower_processes() -> set[int]:
-    """Flower and Ray processes this test session started, or that a finished run orphaned (adopted by init).
-
-    A federation another program is running on the same machine at the same time is neither: its processes
-    descend from that program, so they are not counted against these tests.
-    """
-    names = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")
-    found = set()
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if not any(name in cmdline for name in names):
-            continue
-        with contextlib.suppress(psutil.NoSuchProcess):
-            ancestors = [parent.pid for parent in process.parents()]
-            if os.getpid() in ancestors or ancestors[:1] == [1] or not ancestors:
-                found.add(process.pid)
-    return found
-
-
-def _run(out_dir: Path, tiny_bert: Path, sentiment_csv: Path, *settings: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "fedsvd.cli", "run", *settings, "--out", str(out_dir)]
-    for key, value in {
-        "model": tiny_bert, "dataset": sentiment_csv, "num_clients": CLIENTS, "local_steps": 3,
-        "delta": 1e-3, "epsilon": 4, "client_cpus": 1, "lr": 0.5,
-    }.items():  # fmt: skip
-        command += ["--set", f"{key}={value}"]
-    return subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path) -> dict[str, Path]:
-    """One 2-round, 3-client DP run per method (run once, inspected by several tests)."""
-    before = _flower_processes()
-    out = {}
-    for method in ("fedsvd", "ffa", "fedavg"):
-        out_dir = tmp_path_factory.mktemp(method)
-        result = _run(
-            out_dir, tiny_bert, sentiment_csv, f"configs/{method}.toml", "--set", f"rounds={ROUNDS}",
-            "--set", "fraction=0.6",
-        )  # fmt: skip
-        assert result.returncode == 0, result.stdout + result.stderr
-        progress = [line for line in result.stdout.splitlines() if line.startswith("round ")]
-        assert len(progress) == ROUNDS + 1, result.stdout
-        out[method] = out_dir
-    assert _flower_processes() <= before, "the run left Flower or Ray processes behind"
-    return out
+def runs(federation_runs: dict[str, Path]) -> dict[str, Path]:
+    """The session's shared runs of fedsvd, ffa and fedavg (see conftest)."""
+    return federation_runs
 
 
 def _rows(out_dir: Path) -> list[dict]:
@@ -161,7 +115,7 @@ def test_expected_participation_skips_clients_at_their_budget_and_never_exceeds_
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
 ) -> None:
     """5 rounds x 2 of 3 clients, noise planned for ceil(5 x 0.6) = 3 rounds each: 10 slots, 9 of budget."""
-    result = _run(
+    result = run_fedsvd(
         tmp_path, tiny_bert, sentiment_csv, "--set", "rounds=5", "--set", "fraction=0.6",
         "--set", "planned_participation=expected",
     )  # fmt: skip
@@ -202,7 +156,7 @@ def test_compare_runs_the_other_four_methods_by_their_rules(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
 ) -> None:
     """`fedsvd compare` over real simulations of FedSA-LoRA, RoLoRA, FLoRA and FedEx-LoRA, then resume and report."""
-    before = _flower_processes()
+    before = flower_processes()
     methods = ["fedsa", "rolora", "flora", "fedex"]
     spec = _comparison_file(tmp_path / "compare.toml", tiny_bert, sentiment_csv, methods)
     out = tmp_path / "out"
@@ -210,7 +164,7 @@ def test_compare_runs_the_other_four_methods_by_their_rules(
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(command, cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert _flower_processes() <= before, "the comparison left Flower or Ray processes behind"
+    assert flower_processes() <= before, "the comparison left Flower or Ray processes behind"
     runs = {method: out / method / "seed-0" for method in methods}
 
     sequences = {method: [row["clients"] for row in _rows(directory)] for method, directory in runs.items()}
