@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -237,15 +238,24 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# A Python exception as Flower and Ray log it, e.g. "ValueError: Target modules {'qkv'} not found in the base model".
+_EXCEPTION_LINE = re.compile(r"\b([A-Za-z_.]*(?:Error|Exception)): (.+)")
+
+
 def _last_error(out_dir: Path) -> str:
-    """The server's own reason, from Flower's log, so that the console says why and not only where to look."""
+    """Why the run ended, from Flower's log, so that the console says why and not only where to look: the
+    server's own reason when it gave one, else the last exception that Flower or Ray logged."""
     log_path = out_dir / "flower.log"
-    reasons = []
+    ours: list[str] = []
+    raised: list[str] = []
     if log_path.is_file():
         for line in log_path.read_text(errors="replace").splitlines():
             if "fedsvd: cannot run:" in line or "fedsvd: stopping:" in line:
-                reasons.append(line.split("fedsvd: ", 1)[1])
-    return (reasons[-1] if reasons else "no reason was logged") + f" (see {log_path})"
+                ours.append(line.split("fedsvd: ", 1)[1])
+            elif match := _EXCEPTION_LINE.search(line):
+                raised.append(f"{match.group(1)}: {match.group(2)[:200]}")
+    reason = ours[-1] if ours else raised[-1] if raised else "no reason was logged"
+    return f"{reason} (see {log_path})"
 
 
 def _stamp() -> str:
