@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import random
+import shutil
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -242,12 +243,19 @@ def test_a_failing_run_is_reported_the_others_go_on_and_resume_retries_only_it(
     import fedsvd.simulation
 
     calls: list[tuple[str, int]] = []
+    resumed: list[tuple[str, int]] = []
     broken = {"b"}
 
     def simulate(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], None]) -> bool:
         calls.append((out_dir.parent.name, cfg.seed))
-        fake_run(out_dir, [0.5, 0.6 + 0.01 * cfg.seed], bytes_up=100, finished=out_dir.parent.name not in broken)
-        return out_dir.parent.name not in broken
+        finished = out_dir.parent.name not in broken
+        if cfg.resume:
+            resumed.append((out_dir.parent.name, cfg.seed))
+            shutil.rmtree(out_dir)  # the stand-in writes the whole run again
+        fake_run(out_dir, [0.5, 0.6 + 0.01 * cfg.seed], bytes_up=100, finished=finished)
+        if not finished and cfg.seed == 1:
+            (out_dir / "checkpoint.safetensors").write_bytes(b"")  # it got past a round before it failed
+        return finished
 
     monkeypatch.setattr(fedsvd.simulation, "run_simulation", simulate)
     spec = write(
@@ -267,7 +275,8 @@ def test_a_failing_run_is_reported_the_others_go_on_and_resume_retries_only_it(
     calls.clear()
     assert main(["compare", str(spec), "--out", str(out), "--resume"]) == 0
     assert calls == [("b", 0), ("b", 1)], "finished runs are skipped"
+    assert resumed == [("b", 1)], "a run with a checkpoint continues from it; one without starts again"
     kept = sorted(path.name for path in (out / "b").iterdir())
-    assert kept[:2] == ["seed-0", "seed-0.incomplete-" + kept[1].split("incomplete-")[1]], kept
+    assert kept == ["seed-0", "seed-0.incomplete-" + kept[1].split("incomplete-")[1], "seed-1"], kept
     changed = write(tmp_path / "changed.toml", spec.read_text().replace("num_clients = 3", "num_clients = 2"))
     assert main(["compare", str(changed), "--out", str(out), "--resume"]) == 2, "other settings never mix in"
