@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
 import signal
 import socket
+import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -86,9 +89,9 @@ def _check_out_dir(out_dir: Path, option: str) -> None:
 def _check_resources(cfg: ExperimentConfig) -> None:
     """What the run asks of this machine or of the Ray cluster it joins.
 
-    CPU cores and GPUs are checked for a private local Ray only: a cluster's are its nodes' (Ray would wait for a
-    node that fits). A cluster address must accept a connection; 'auto' is left to Ray, which resolves it from its
-    own session files.
+    CPU cores and GPUs are checked against this machine for a private local Ray, and against the cluster's live
+    nodes for one named by address (which must accept a connection first); 'auto' is left to Ray, which resolves
+    it from its own session files.
     """
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device = 'cuda' is not allowed: no CUDA GPU is visible here; use 'auto' or 'cpu'")
@@ -118,6 +121,29 @@ def _check_resources(cfg: ExperimentConfig) -> None:
                 f"({err.strerror or err}); start one with `ray start --head`, or leave ray_address empty for a "
                 "private local Ray"
             ) from None
+        _check_cluster_fits(cfg, address, key)
+
+
+def _check_cluster_fits(cfg: ExperimentConfig, address: str, key: str) -> None:
+    """Ray queues a task until some node can host it, forever: refuse a client that no live node of the cluster
+    has the CPUs and GPUs for. Costs a short connection to the cluster as a driver."""
+    import ray
+
+    with warnings.catch_warnings():  # Ray's notices about its future defaults say nothing about this check
+        warnings.simplefilter("ignore")
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, configure_logging=False)
+    try:
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    finally:
+        ray.shutdown()
+    if not any(r.get("CPU", 0) >= cfg.client_cpus and r.get("GPU", 0) >= cfg.client_gpus for r in nodes):
+        cpus = max((r.get("CPU", 0) for r in nodes), default=0)
+        gpus = max((r.get("GPU", 0) for r in nodes), default=0)
+        raise ConfigError(
+            f"client_cpus = {cfg.client_cpus}, client_gpus = {cfg.client_gpus:g}: no node of the Ray cluster at "
+            f"{key} = {address!r} has that many (at most {cpus:g} CPUs and {gpus:g} GPUs on one node); Ray would "
+            "never schedule a client"
+        )
 
 
 def _check_batch_size(cfg: ExperimentConfig, plans: Sequence[ClientPlan]) -> None:
@@ -136,6 +162,18 @@ def preflight(cfg: ExperimentConfig) -> tuple[list[ClientPlan], PreTrainedTokeni
     plans = plan_federation(cfg)
     _check_batch_size(cfg, plans)
     return plans, tokenizer
+
+
+# Beyond this many clients the console shows a summary; `fedsvd plan` and the run's files keep every value.
+CONSOLE_LIST_LIMIT = 12
+
+
+def _values(values: Sequence[float], form: str) -> str:
+    """Every value for a small federation, min / median / max for a large one."""
+    if len(values) <= CONSOLE_LIST_LIMIT:
+        return ", ".join(form.format(value) for value in values)
+    low, middle, high = min(values), statistics.median_low(values), max(values)
+    return f"min {form.format(low)}, median {form.format(middle)}, max {form.format(high)} (fedsvd plan lists each)"
 
 
 def _truncation_line(cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -192,13 +230,13 @@ def command_run(args: argparse.Namespace) -> int:
         plans, tokenizer = preflight(cfg)
         print(
             f"clients: {cfg.num_clients} ({cfg.partition}), examples per client: "
-            + ", ".join(str(plan.num_examples) for plan in plans)
+            + _values([plan.num_examples for plan in plans], "{:d}")
         )
         if cfg.dp:
             print(
                 f"DP-SGD: target eps {cfg.epsilon:g} at delta {cfg.delta:g} over {cfg.rounds * cfg.local_steps} "
                 f"planned steps, clip {cfg.clip_norm:g}, noise multipliers: "
-                + ", ".join(f"{plan.noise_multiplier:.2f}" for plan in plans)
+                + _values([plan.noise_multiplier for plan in plans], "{:.2f}")
             )
         print(_truncation_line(cfg, tokenizer))
     except USER_ERRORS as err:

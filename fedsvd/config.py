@@ -216,6 +216,12 @@ class ExperimentConfig:
             "> 0 with method = 'fedsa' (its personalised accuracy is measured on each client's held-out slice)",
         )
         _require(0 < self.fraction <= 1, "fraction", self.fraction, "in (0, 1]")
+        _require(
+            self.min_replies <= self.clients_per_round,
+            "min_replies",
+            self.min_replies,
+            f"<= {self.clients_per_round}, the clients sampled per round (every round would fall short)",
+        )
         _require(0 < self.delta < 1, "delta", self.delta, "in (0, 1)")
         _require(0 <= self.client_gpus <= 1, "client_gpus", self.client_gpus, "in [0, 1]")
         _require(bool(self.targets), "lora_targets", self.lora_targets, "a non-empty list of module names")

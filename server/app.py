@@ -323,9 +323,12 @@ def set_up(grid: Grid, cfg: ExperimentConfig) -> Federation:
     ledger = None
     if cfg.dp:
         planned = {p: (plan.noise_multiplier, plan.sample_rate) for p, plan in plans.items()}
+        if stored is not None:
+            # Every client charged so far stays in the ledger, also one that did not come back this time.
+            planned |= {p: (sigma, q) for p, (_, q, sigma) in stored.plans.items()}
         ledger = ServerPrivacyLedger(cfg.accountant, cfg.delta, cfg.local_steps, planned)
         if stored is not None:
-            ledger.rounds = {p: list(rounds) for p, rounds in stored.privacy_rounds.items() if p in plans}
+            ledger.rounds = {p: list(rounds) for p, rounds in stored.privacy_rounds.items()}
     strategy = LoraStrategy(
         method=method,
         nodes={p: found[p][0] for p in plans},

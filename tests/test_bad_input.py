@@ -146,6 +146,7 @@ CASES = [
     pytest.param(_sets("method=fedprox"), "method = 'fedprox'", id="unknown-method"),
     pytest.param(_sets("method=fedsa"), "local_eval_fraction = 0.0", id="fedsa-without-local-eval"),
     pytest.param(_sets("rounds=0"), "rounds = 0", id="rounds-zero"),
+    pytest.param(_sets("min_replies=7"), "min_replies = 7", id="min-replies-above-the-cohort"),
     pytest.param(_sets("lora_rank=0"), "lora_rank = 0", id="rank-zero"),
     pytest.param(_sets("epsilon=-1"), "epsilon = -1.0", id="epsilon-negative"),
     pytest.param(_sets("fraction=1.5"), "fraction = 1.5", id="fraction-above-1"),

@@ -102,6 +102,12 @@ def test_simulation_joins_a_running_ray_cluster(tmp_path: Path, tiny_bert: Path,
             }.items():  # fmt: skip
                 command += ["--set", f"{key}={value}"]
             env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+            # A client no node of the cluster can host would wait forever: refused before anything starts.
+            too_big = subprocess.run([*command, "--set", "client_cpus=3"], cwd=ROOT, env=env, capture_output=True,
+                                     text=True, timeout=120)  # fmt: skip
+            assert too_big.returncode == 2 and len(too_big.stderr.strip().splitlines()) == 1, too_big.stderr
+            assert "client_cpus = 3, client_gpus = 0: no node of the Ray cluster" in too_big.stderr
+            assert not (tmp_path / "out").exists()
             result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, result.stdout + result.stderr
 
