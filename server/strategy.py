@@ -21,6 +21,7 @@ from logging import ERROR, INFO, WARNING
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError
@@ -357,10 +358,8 @@ class LoraStrategy(FedAvg):
                 raise ProtocolError(f"'{key}' = {reported:.6g} differs from the planned {planned:.6g}")
         if self.ledger is not None and (reason := self.ledger.mismatch(partition, report.epsilon)):
             raise ProtocolError(reason)
-        try:
-            uploaded = {key: np.asarray(array.numpy()) for key, array in content[ARRAYS].items()}
-        except (TypeError, ValueError) as err:
-            raise ProtocolError(f"arrays cannot be read: {type(err).__name__}") from None
-        checked = parse_arrays(uploaded, shapes)
-        tensors = {key: torch.from_numpy(value.copy()) for key, value in checked.items()}
+        uploaded = content[ARRAYS]
+        if any(array.stype != SType.NUMPY for array in uploaded.values()):
+            raise ProtocolError("arrays cannot be read: not serialised as NumPy arrays")
+        tensors = parse_arrays({key: array.data for key, array in uploaded.items()}, shapes)
         return ClientUpdate(tensors, plan.num_examples), report

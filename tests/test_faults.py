@@ -6,6 +6,7 @@ second half runs real federations (``fedsvd run`` with Flower, Ray and Opacus) a
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -37,7 +39,14 @@ from fedsvd.config import ExperimentConfig, resume_conflict
 from fedsvd.federation import ClientPlan
 from fedsvd.methods import build_method
 from fedsvd.privacy import RDP_ORDERS, PrivacyLedger, ServerPrivacyLedger
-from fedsvd.protocol import Description, EvaluationReply, ProtocolError, TrainInstruction, TrainReply
+from fedsvd.protocol import (
+    Description,
+    EvaluationReply,
+    ProtocolError,
+    TrainInstruction,
+    TrainReply,
+    parse_arrays,
+)
 from fedsvd.results import CheckpointError, ResultsExist, RunRecorder, ServerState, read_metrics
 from server.app import discover_clients
 from server.strategy import LoraStrategy
@@ -204,6 +213,45 @@ def _honest(
         return Message(RecordDict({"arrays": ArrayRecord(uploaded), "metrics": MetricRecord(report)}), reply_to=message)
 
     return respond
+
+
+def _npy(array: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    stream = io.BytesIO()
+    np.lib.format.write_array(stream, array, version=version)
+    return stream.getvalue()
+
+
+KEY, SHAPE = "m.lora_B.weight", (3, 2)
+VALUES = np.arange(6, dtype=np.float32).reshape(SHAPE)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (_npy(VALUES.astype(np.float64)), "dtype float64, expected float32"),
+        (_npy(VALUES.astype(">f4")), "dtype >f4, expected float32"),
+        (_npy(VALUES.reshape(2, 3)), "shape (2, 3), expected (3, 2)"),
+        (_npy(np.asfortranarray(VALUES)), "Fortran order, expected C order"),
+        (_npy(VALUES)[:-4], "20 bytes of data, expected 24"),
+        (_npy(VALUES) + b"\0" * 4, "28 bytes of data, expected 24"),
+        (b"not an array at all", "not a readable .npy array"),
+        (_npy(np.array([[1.0, np.nan], [0, 0], [0, 0]], dtype=np.float32)), "non-finite values"),
+        (_npy(np.array([[1.0, -np.inf], [0, 0], [0, 0]], dtype=np.float32)), "non-finite values"),
+    ],
+)
+def test_uploaded_arrays_are_read_strictly(data: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError) as error:
+        parse_arrays({KEY: data}, {KEY: SHAPE})
+    assert str(error.value) == f"{KEY}: {reason}"
+
+
+def test_uploaded_arrays_in_any_valid_layout_read_back_exactly() -> None:
+    huge = np.full(SHAPE, 3e38, dtype=np.float32)  # finite, though its float32 sum overflows
+    for array, data in [(VALUES, _npy(VALUES)), (VALUES, _npy(VALUES, version=(2, 0))), (huge, _npy(huge))]:
+        tensor = parse_arrays({KEY: data}, {KEY: SHAPE})[KEY]
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, torch.from_numpy(array))
+        tensor += 1  # a writable copy: the message's own bytes stay as they were
+        assert data == _npy(array) or data == _npy(array, version=(2, 0))
 
 
 def test_malformed_replies_are_rejected_and_the_round_goes_on() -> None:

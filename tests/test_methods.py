@@ -21,6 +21,7 @@ from fedsvd.methods.base import (
 from fedsvd.methods.fedavg import FedAvgLora
 from fedsvd.methods.fedex import FedExLora
 from fedsvd.methods.fedsa import FedSaLora
+from fedsvd.methods.fedsvd import refactorize_all
 from fedsvd.methods.ffa import FfaLora
 from fedsvd.methods.flora import FLora
 from fedsvd.methods.rolora import RoLora
@@ -162,6 +163,27 @@ def test_refactorize_zero_b(gen: torch.Generator, d_out: int, d_in: int, r: int)
 def test_refactorize_keeps_dtype(gen: torch.Generator, dtype: torch.dtype) -> None:
     b_new, a_new = refactorize(torch.randn(8, 3, generator=gen).to(dtype), torch.randn(3, 8, generator=gen).to(dtype))
     assert b_new.dtype == dtype and a_new.dtype == dtype
+
+
+def test_refactorize_all_matches_one_pair_at_a_time_over_mixed_shapes(gen: torch.Generator) -> None:
+    pairs = [(torch.randn(d_out, r, generator=gen), torch.randn(r, d_in, generator=gen)) for d_out, d_in, r in SHAPES]
+    together = refactorize_all(pairs)
+    for (b, a), (b_new, a_new) in zip(pairs, together, strict=True):
+        b_one, a_one = refactorize(b, a)
+        torch.testing.assert_close(b_new @ a_new, b_one @ a_one, rtol=1e-5, atol=1e-6)
+        assert rel_err(b_new @ a_new, b @ a) < 1e-5
+        assert_orthonormal_rows(a_new[: min(a.shape)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_ill_conditioned_a_is_still_orthonormalised(gen: torch.Generator, dtype: torch.dtype) -> None:
+    """Past the Gram route's condition limit the module goes through QR: A_new stays orthonormal."""
+    u, _ = torch.linalg.qr(torch.randn(64, 4, generator=gen, dtype=torch.float64))
+    a = (torch.diag(torch.tensor([1.0, 1e-2, 1e-4, 1e-5], dtype=torch.float64)) @ u.T).to(dtype)
+    b = torch.randn(48, 4, generator=gen, dtype=dtype)
+    b_new, a_new = refactorize(b, a)
+    assert_orthonormal_rows(a_new)
+    assert rel_err(b_new.double() @ a_new.double(), b.double() @ a.double()) < 1e-5
 
 
 def test_refactorize_rejects_mismatched_rank() -> None:

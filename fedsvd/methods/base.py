@@ -294,6 +294,13 @@ class FederatedLoraMethod(ABC):
 UPDATE_NORM_BOUND = 10.0
 
 
+def _change_norm(update: ClientUpdate, sent: Mapping[str, torch.Tensor]) -> float:
+    """The norm of an upload's change over all its arrays, one array at a time (a round of 30 clients' changes
+    kept at once would be gigabytes). A change too large for its own dtype counts as infinite: it is then scaled
+    to nothing."""
+    return math.hypot(*(float(torch.linalg.vector_norm(value - sent[key])) for key, value in update.arrays.items()))
+
+
 def bound_update_norms(
     sent: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], factor: float = UPDATE_NORM_BOUND
 ) -> tuple[list[ClientUpdate], list[float]]:
@@ -309,21 +316,20 @@ def bound_update_norms(
     """
     if len(updates) < 2:
         return list(updates), [1.0] * len(updates)
-    deltas = [
-        {key: value.to(torch.float64) - sent[key].to(torch.float64) for key, value in update.arrays.items()}
-        for update in updates
-    ]
-    norms = [math.sqrt(sum(float((d * d).sum()) for d in delta.values())) for delta in deltas]
+    norms = [_change_norm(update, sent) for update in updates]
     bound = factor * sorted(norms)[(len(norms) - 1) // 2]
     bounded, scales = [], []
-    for update, delta, norm in zip(updates, deltas, norms, strict=True):
+    for update, norm in zip(updates, norms, strict=True):
         if norm <= bound:
             bounded.append(update)
             scales.append(1.0)
             continue
         scale = bound / norm
         arrays = {
-            key: (sent[key].to(torch.float64) + scale * d).to(update.arrays[key].dtype) for key, d in delta.items()
+            key: (sent[key].to(torch.float64) + scale * (value.to(torch.float64) - sent[key].to(torch.float64))).to(
+                value.dtype
+            )
+            for key, value in update.arrays.items()
         }
         bounded.append(ClientUpdate(arrays, update.num_examples))
         scales.append(scale)

@@ -15,14 +15,18 @@ import torch
 
 from fedsvd.methods.base import B_ONLY, ArrayDict, ClientUpdate, FederatedLoraMethod, lora_pairs
 
+# The Gram route squares A's condition number: beyond these (by working dtype) its A_new would fall short of
+# orthonormal (by about condition x machine epsilon), and the module goes through QR in float64 instead.
+_GRAM_CONDITION_LIMIT = {torch.float32: 1e2, torch.float64: 1e6}
 
-def refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def refactorize(B: torch.Tensor, A: torch.Tensor) -> Factors:
     """Rewrite ``B @ A`` as ``B_new @ A_new`` with ``A_new`` orthonormal rows, by a thin SVD.
 
-    With ``B = Q1 R1`` and ``A^T = Q2 R2`` (reduced QR), ``B A = Q1 (R1 R2^T) Q2^T``, so the SVD of the
-    small core ``R1 R2^T = Uk S Vk^T`` gives the SVD of the product: ``U = Q1 Uk``, ``V = Q2 Vk``. The
-    ``d_out x d_in`` product is never formed: the cost is O((d_out + d_in) r^2) instead of
-    O(d_out d_in min(d_out, d_in)) for a dense SVD.
+    The ``d_out x d_in`` product is never formed: everything costs O((d_out + d_in) r^2) instead of
+    O(d_out d_in min(d_out, d_in)) for a dense SVD. See ``refactorize_all`` for how.
 
     Parameters
     ----------
@@ -38,31 +42,86 @@ def refactorize(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
         (``r x d_in``) with ``B_new @ A_new == B @ A`` up to rounding and ``A_new @ A_new.T == I_r``. Where
         the product has fewer than ``r`` singular directions (``B = 0``, rank deficiency, ``r > d_out``),
         the remaining rows of ``A_new`` complete an orthonormal basis and the matching columns of ``B_new``
-        are zero. Only when ``r > d_in`` can no ``r`` rows be orthonormal: the rows past ``d_in`` are then
-        zero and ``A_new`` has orthonormal columns instead. Each output keeps its input's dtype.
+        are zero (up to rounding). Only when ``r > d_in`` can no ``r`` rows be orthonormal: the rows past
+        ``d_in`` are then zero and ``A_new`` has orthonormal columns instead. Each output keeps its input's
+        dtype; float64 inputs are computed in float64 throughout, the others in float32 with the small r x r
+        algebra in float64.
 
     Raises
     ------
     ValueError
         If the inputs are not matrices with a shared rank ``r``.
     """
-    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
-        raise ValueError(f"expected B (d_out x r) and A (r x d_in), got {tuple(B.shape)} and {tuple(A.shape)}")
-    rank = A.shape[0]
-    # float64 because the Q factors and the core SVD lose orthogonality quickly in float32.
-    q1, r1 = torch.linalg.qr(B.to(torch.float64))
-    q2, r2 = torch.linalg.qr(A.to(torch.float64).T)
+    return refactorize_all([(B, A)])[0]
+
+
+def refactorize_all(pairs: list[Factors]) -> list[Factors]:
+    """``refactorize`` of every ``(B, A)`` pair of a model at once.
+
+    The usual module (``r <= min(d_out, d_in)``, A well-conditioned, as FedSVD's own orthonormal A always is)
+    goes through r x r Gram matrices: with ``A A^T = L L^T`` (Cholesky) and ``L^T (B^T B) L = V S^2 V^T``,
+    ``B A = (B L V) (V^T L^-1 A)``, where ``V^T L^-1 A`` has orthonormal rows and ``B L V`` orthogonal columns
+    whose norms are the singular values. Per module that is four thin matrix products; the small
+    factorisations of all modules with the same ``r`` run as one batch. The product is exact whatever B is.
+    Other modules go through reduced QR (``_by_qr``).
+    """
+    for B, A in pairs:
+        if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"expected B (d_out x r) and A (r x d_in), got {tuple(B.shape)} and {tuple(A.shape)}")
+    results: list[Factors | None] = [None] * len(pairs)
+    batches: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    for index, (B, A) in enumerate(pairs):
+        rank = A.shape[0]
+        if rank <= min(B.shape[0], A.shape[1]):
+            work = torch.float64 if torch.float64 in (B.dtype, A.dtype) else torch.float32
+            batches.setdefault((rank, work, B.device), []).append(index)
+    for (_, work, _), indices in batches.items():
+        for index, factors in zip(indices, _by_gram([pairs[i] for i in indices], work), strict=True):
+            results[index] = factors
+    out = []
+    for (B, A), factors in zip(pairs, results, strict=True):
+        b_new, a_new = factors if factors is not None else _by_qr(B.to(torch.float64), A.to(torch.float64))
+        out.append((b_new.to(B.dtype), a_new.to(A.dtype)))
+    return out
+
+
+def _by_gram(pairs: list[Factors], work: torch.dtype) -> list[Factors | None]:
+    """The Gram route for pairs of one rank (see ``refactorize_all``); None for a pair whose A is too
+    ill-conditioned for it."""
+    b = [B.to(work) for B, _ in pairs]
+    a = [A.to(work) for _, A in pairs]
+    gram_a = torch.stack([x @ x.T for x in a]).to(torch.float64)
+    gram_b = torch.stack([x.T @ x for x in b]).to(torch.float64)
+    lower, info = torch.linalg.cholesky_ex(gram_a)
+    eigenvalues = torch.linalg.eigvalsh(gram_a)
+    usable = (info == 0) & (eigenvalues[:, -1] <= _GRAM_CONDITION_LIMIT[work] * eigenvalues[:, 0])
+    identity = torch.eye(gram_a.shape[-1], dtype=torch.float64, device=gram_a.device)
+    lower = torch.where(usable[:, None, None], lower, identity)  # keeps the batch finite; those pairs are redone
+    _, vectors = torch.linalg.eigh(lower.mT @ gram_b @ lower)
+    vectors = vectors.flip(-1)  # eigh sorts ascending; B's columns go by descending singular value
+    to_b = (lower @ vectors).to(work)
+    to_a = torch.linalg.solve_triangular(lower.mT, vectors, upper=True).mT.to(work)  # V^T L^-1
+    return [(b[i] @ to_b[i], to_a[i] @ a[i]) if usable[i] else None for i in range(len(pairs))]
+
+
+def _by_qr(b: torch.Tensor, a: torch.Tensor) -> Factors:
+    """The SVD of ``b @ a`` for any shapes: with ``b = Q1 R1`` and ``a^T = Q2 R2`` (reduced QR),
+    ``b a = Q1 (R1 R2^T) Q2^T``, so the SVD of the small core ``R1 R2^T = Uk S Vk^T`` gives the SVD of the
+    product: ``U = Q1 Uk``, ``V = Q2 Vk``."""
+    rank = a.shape[0]
+    q1, r1 = torch.linalg.qr(b)
+    q2, r2 = torch.linalg.qr(a.T)
     # full_matrices=True: the extra right singular vectors span the rest of range(Q2), which completes
     # A_new's rows when the product has fewer than min(r, d_in) singular directions (e.g. r > d_out).
     uk, s, vkh = torch.linalg.svd(r1 @ r2.T, full_matrices=True)
     a_new = vkh @ q2.T
-    b_new = torch.zeros(B.shape[0], a_new.shape[0], dtype=torch.float64, device=B.device)
+    b_new = torch.zeros(b.shape[0], a_new.shape[0], dtype=torch.float64, device=b.device)
     b_new[:, : s.shape[0]] = (q1 @ uk[:, : s.shape[0]]) * s
     if a_new.shape[0] < rank:
         # r > d_in: R^d_in holds at most d_in orthonormal rows, so the rest stay zero (and so does B's part).
-        a_new = torch.cat([a_new, a_new.new_zeros(rank - a_new.shape[0], A.shape[1])])
-        b_new = torch.cat([b_new, b_new.new_zeros(B.shape[0], rank - b_new.shape[1])], dim=1)
-    return b_new.to(B.dtype), a_new.to(A.dtype)
+        a_new = torch.cat([a_new, a_new.new_zeros(rank - a_new.shape[0], a.shape[1])])
+        b_new = torch.cat([b_new, b_new.new_zeros(b.shape[0], rank - b_new.shape[1])], dim=1)
+    return b_new, a_new
 
 
 class FedSvd(FederatedLoraMethod):
@@ -106,8 +165,10 @@ class FedSvd(FederatedLoraMethod):
     def _after_average(self, arrays: ArrayDict, updates: Sequence[ClientUpdate], server_round: int) -> ArrayDict:
         if not self.svd_due(server_round):
             return arrays
-        for a_key, b_key in lora_pairs(arrays):
-            arrays[b_key], arrays[a_key] = refactorize(arrays[b_key], arrays[a_key])
+        pairs = lora_pairs(arrays)
+        rewritten = refactorize_all([(arrays[b_key], arrays[a_key]) for a_key, b_key in pairs])
+        for (a_key, b_key), (b_new, a_new) in zip(pairs, rewritten, strict=True):
+            arrays[b_key], arrays[a_key] = b_new, a_new
         return arrays
 
     def __repr__(self) -> str:
