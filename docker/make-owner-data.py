@@ -40,7 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config)
         # Whole partitions: with local_eval_fraction > 0 every client splits its own file the same way itself.
         data = federation_data(
-            cfg.dataset, cfg.eval_fraction, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed
+            dataset=cfg.dataset,
+            eval_fraction=cfg.eval_fraction,
+            num_clients=cfg.num_clients,
+            partition=cfg.partition,
+            dirichlet_alpha=cfg.dirichlet_alpha,
+            min_partition_size=cfg.min_partition_size,
+            seed=cfg.seed,
         )
     except (ConfigError, DataError) as err:
         print(f"make-owner-data: error: {err}", file=sys.stderr)

@@ -208,6 +208,13 @@ def _interrupted(out_dir: Path, code: int, what: str) -> int:
     return code
 
 
+def _partition_description(cfg: ExperimentConfig) -> str:
+    if cfg.partition != "dirichlet":
+        return cfg.partition
+    floor = f", topped up to >= {cfg.min_partition_size} examples" if cfg.min_partition_size else ""
+    return f"dirichlet alpha {cfg.dirichlet_alpha:g}{floor}"
+
+
 def command_run(args: argparse.Namespace) -> int:
     from fedsvd.simulation import run_simulation
 
@@ -229,7 +236,7 @@ def command_run(args: argparse.Namespace) -> int:
         print(f"fedsvd run: {cfg.method} on {cfg.dataset}, model {cfg.model}, {cfg.rounds} rounds -> {action}")
         plans, tokenizer = preflight(cfg)
         print(
-            f"clients: {cfg.num_clients} ({cfg.partition}), examples per client: "
+            f"clients: {cfg.num_clients} ({_partition_description(cfg)}), examples per client: "
             + _values([plan.num_examples for plan in plans], "{:d}")
         )
         if cfg.dp:
@@ -423,7 +430,8 @@ def print_plan(cfg: ExperimentConfig, title: str) -> None:
     _check_batch_size(cfg, plans)
     checkpoints = sorted({max(1, math.ceil(cfg.rounds * tenth / 10)) for tenth in range(1, 11)})
     print(
-        f"{title}: {cfg.dataset}, {cfg.num_clients} clients ({cfg.partition}), {cfg.clients_per_round} per round, "
+        f"{title}: {cfg.dataset}, {cfg.num_clients} clients ({_partition_description(cfg)}), "
+        f"{cfg.clients_per_round} per round, "
         f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch {cfg.batch_size}"
     )
     print(note)

@@ -141,6 +141,13 @@ class ExperimentConfig:
     num_clients: int = _key(6, "number of clients (data owners)", _positive, "> 0")
     partition: str = _key("dirichlet", "how data is split over clients", _one_of(*PARTITION_SCHEMES))
     dirichlet_alpha: float = _key(0.5, "Dirichlet concentration of the label skew", _positive, "> 0")
+    min_partition_size: int = _key(
+        0,
+        "dirichlet: every client gets at least this many examples, taken at random from the largest partitions "
+        "after the draw (0 = redraw for a few dozen each and fail if no draw gives every client one)",
+        _non_negative,
+        ">= 0",
+    )
     fraction: float = _key(1.0, "share of clients sampled each round", None, "in (0, 1]")
     rounds: int = _key(10, "federated rounds", _positive, ">= 1")
     # Local training.

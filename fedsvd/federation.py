@@ -51,13 +51,12 @@ def _split_federation(
     num_clients: int,
     partition: str,
     dirichlet_alpha: float,
+    min_partition_size: int,
     seed: int,
     local_eval_fraction: float,
 ) -> FederationData:
-    parts = [
-        subset(train, indices)
-        for indices in partition_indices(train.labels, num_clients, partition, dirichlet_alpha, seed)
-    ]
+    indices = partition_indices(train.labels, num_clients, partition, dirichlet_alpha, seed, min_partition_size)
+    parts = [subset(train, part) for part in indices]
     if local_eval_fraction == 0:
         return FederationData(tuple(parts), (None,) * num_clients, held_out)
     splits = [
@@ -75,6 +74,7 @@ def federation_data(
     num_clients: int,
     partition: str,
     dirichlet_alpha: float,
+    min_partition_size: int,
     seed: int,
     local_eval_fraction: float = 0.0,
 ) -> FederationData:
@@ -88,12 +88,20 @@ def federation_data(
         train, held_out = load_texts(dataset), load_texts(dataset, split="eval")
     else:
         train, held_out = held_out_split(load_texts(dataset), eval_fraction, seed)
-    return _split_federation(train, held_out, num_clients, partition, dirichlet_alpha, seed, local_eval_fraction)
+    return _split_federation(
+        train, held_out, num_clients, partition, dirichlet_alpha, min_partition_size, seed, local_eval_fraction
+    )
 
 
 @functools.lru_cache(maxsize=4)
 def federation_shape_from_label_counts(
-    dataset: str, num_clients: int, partition: str, dirichlet_alpha: float, seed: int, local_eval_fraction: float
+    dataset: str,
+    num_clients: int,
+    partition: str,
+    dirichlet_alpha: float,
+    min_partition_size: int,
+    seed: int,
+    local_eval_fraction: float,
 ) -> FederationData:
     """The federation of a hub task built from its published train label counts instead of its data.
 
@@ -105,7 +113,9 @@ def federation_shape_from_label_counts(
     labels = tuple(label for label, count in enumerate(task.train_label_counts) for _ in range(count))
     train = TextDataset(("",) * len(labels), labels, task.num_labels, f"{dataset} (label counts only)")
     held_out = TextDataset(("",), (0,), task.num_labels, f"{dataset} eval (not loaded)")
-    return _split_federation(train, held_out, num_clients, partition, dirichlet_alpha, seed, local_eval_fraction)
+    return _split_federation(
+        train, held_out, num_clients, partition, dirichlet_alpha, min_partition_size, seed, local_eval_fraction
+    )
 
 
 def data_for(cfg: ExperimentConfig) -> FederationData:
@@ -115,6 +125,7 @@ def data_for(cfg: ExperimentConfig) -> FederationData:
         cfg.num_clients,
         cfg.partition,
         cfg.dirichlet_alpha,
+        cfg.min_partition_size,
         cfg.seed,
         cfg.local_eval_fraction,
     )
@@ -151,7 +162,13 @@ def plan_federation(cfg: ExperimentConfig, from_label_counts: bool = False) -> l
     """
     if from_label_counts:
         data = federation_shape_from_label_counts(
-            cfg.dataset, cfg.num_clients, cfg.partition, cfg.dirichlet_alpha, cfg.seed, cfg.local_eval_fraction
+            cfg.dataset,
+            cfg.num_clients,
+            cfg.partition,
+            cfg.dirichlet_alpha,
+            cfg.min_partition_size,
+            cfg.seed,
+            cfg.local_eval_fraction,
         )
     else:
         data = data_for(cfg)

@@ -222,7 +222,9 @@ def test_partition_sizes_depend_only_on_label_counts() -> None:
     shapes = []
     for order in (labels, shuffled):
         data = TextDataset(tuple(f"t{i}" for i in range(len(order))), tuple(order), 3, "counts")
-        federation = _split_federation(data, data, 5, "dirichlet", 0.5, seed=4, local_eval_fraction=0.1)
+        federation = _split_federation(
+            data, data, 5, "dirichlet", 0.5, min_partition_size=0, seed=4, local_eval_fraction=0.1
+        )
         shapes.append(
             [(len(p), len(e)) for p, e in zip(federation.partitions, federation.local_eval, strict=True)]  # type: ignore[arg-type]
         )

@@ -701,6 +701,23 @@ def test_dirichlet_aims_for_a_few_dozen_per_client() -> None:
     assert min(len(p) for p in parts) >= 32
 
 
+def test_a_thousand_skewed_clients_each_get_the_minimum_and_keep_their_skew() -> None:
+    labels = balanced_labels(9000)
+    with pytest.raises(DataError, match="left a client without data"):
+        partition_indices(labels, 1000, "dirichlet", alpha=0.5, seed=0)
+    parts = partition_indices(labels, 1000, "dirichlet", alpha=0.5, seed=0, min_size=4)
+    assert_exact_cover(parts, 9000, 1000)
+    sizes = [len(part) for part in parts]
+    assert min(sizes) == 4 and max(sizes) >= 2 * 9000 / 1000, "topped up to the minimum, the draw's spread kept"
+    assert partition_indices(labels, 1000, "dirichlet", alpha=0.5, seed=0, min_size=4) == parts
+    assert label_skew(labels, parts) > 0.25
+
+
+def test_a_minimum_the_data_cannot_meet_names_the_key() -> None:
+    with pytest.raises(DataError, match=r"^min_partition_size = 7 for 10 clients needs 70 examples, more than the 60"):
+        partition_indices(balanced_labels(60), 10, "dirichlet", alpha=0.5, seed=0, min_size=7)
+
+
 def test_bad_partition_arguments() -> None:
     with pytest.raises(DataError, match=r"unknown partition scheme 'shards'.*iid.*dirichlet"):
         partition_indices([0, 1, 0, 1], 2, "shards", 1.0, seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import warnings
 from collections.abc import Sequence
@@ -94,8 +95,27 @@ def _partition(partitioner: Partitioner, table: datasets.Dataset, num_partitions
     return [sorted(partitioner.load_partition(pid)["index"]) for pid in range(num_partitions)]
 
 
+def _top_up(partitions: list[list[int]], min_size: int, seed: int) -> list[list[int]]:
+    """Give every partition at least ``min_size`` examples, each taken at random from the partition that is
+    the largest at that moment (ties: the lowest id), so that the draw's skew survives everywhere else."""
+    rng = np.random.default_rng([seed, len(partitions), min_size])
+    parts = [list(part) for part in partitions]
+    largest = [(-len(part), pid) for pid, part in enumerate(parts)]
+    heapq.heapify(largest)
+    for pid in sorted(range(len(parts)), key=lambda k: (len(parts[k]), k)):
+        while len(parts[pid]) < min_size:
+            size, donor = heapq.heappop(largest)
+            if -size != len(parts[donor]):  # a stale entry: the partition has grown since (it was topped up)
+                heapq.heappush(largest, (-len(parts[donor]), donor))
+                continue
+            taken = parts[donor].pop(int(rng.integers(len(parts[donor]))))
+            parts[pid].append(taken)
+            heapq.heappush(largest, (-len(parts[donor]), donor))
+    return [sorted(part) for part in parts]
+
+
 def partition_indices(
-    labels: Sequence[int], num_partitions: int, scheme: str, alpha: float, seed: int
+    labels: Sequence[int], num_partitions: int, scheme: str, alpha: float, seed: int, min_size: int = 0
 ) -> list[list[int]]:
     """Split example indices into one partition per client.
 
@@ -113,6 +133,12 @@ def partition_indices(
         Concentration of the Dirichlet distribution; ignored for ``"iid"``.
     seed : int
         Seed for shuffling and Dirichlet draws; the same seed always gives the same partitions.
+    min_size : int
+        ``"dirichlet"`` only. 0: redraw until every partition has a few dozen examples (fewer on small data),
+        and fail when no draw gives every partition one. Above 0: one draw, after which every partition
+        below ``min_size`` is topped up with examples taken at random from the largest ones (``_top_up``):
+        the only way to give a thousand clients data at a strong skew, since a draw over that many
+        partitions leaves some empty.
 
     Returns
     -------
@@ -139,6 +165,16 @@ def partition_indices(
 
     if alpha <= 0:
         raise DataError(f"alpha must be positive for the dirichlet scheme, got {alpha}")
+    if min_size > 0:
+        if min_size * num_partitions > n:
+            raise DataError(
+                f"min_partition_size = {min_size} for {num_partitions} clients needs {min_size * num_partitions} "
+                f"examples, more than the {n} for training; lower it or use fewer clients"
+            )
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed, min_partition_size=0
+        )
+        return _top_up(_partition(partitioner, table, num_partitions), min_size, seed)
     # Aim for a few dozen examples per client, but never more than a quarter of a fair share: a stricter
     # minimum makes the partitioner's resampling (10 tries, then an error) fail on small data or alpha.
     min_size = max(1, min(_TARGET_MIN_PARTITION_SIZE, n // (4 * num_partitions)))
