@@ -20,9 +20,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/fedsvd run configs/default.toml
 
+# Two workers: a federation's start-up (process launches, imports, Ray) leaves a core idle for much of its time,
+# so two run side by side in about 1.5 times the time of one (see tests/conftest.py for what they share).
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: setup
 	$(BIN)/ruff check .

@@ -4,6 +4,11 @@ real federations that several test modules inspect.
 The model and data go through exactly the code paths the real ones use (a local model directory and a CSV
 file), so the tests need no hub and no download. A federation costs tens of seconds to start, so the runs
 that many tests read are made once per session (``federation_runs``).
+
+``make test`` runs the suite on two pytest-xdist workers: a federation's start leaves a core idle for much of
+its time. The tests that read the shared runs go to one worker together (one xdist group), and so do those of
+a module with an expensive module fixture (the deployment), so that each is made once; the checks for
+left-over processes only count the processes of their own worker.
 """
 
 from __future__ import annotations
@@ -74,23 +79,52 @@ def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS, CLIENTS = 2, 3
-# The settings every real federation of the tests shares (tiny model and data, DP at epsilon 4).
-TINY_FEDERATION = {"num_clients": CLIENTS, "local_steps": 3, "delta": 1e-3, "epsilon": 4, "client_cpus": 1, "lr": 0.5}
+# The settings every real federation of the tests shares (tiny model and data, DP at epsilon 4). Every client asks
+# for all the cores, so that each federation has one Ray client worker: a worker costs about 12 s of CPU to import
+# torch, transformers and peft, and the tiny clients' training is over in well under a second.
+TINY_FEDERATION = {
+    "num_clients": CLIENTS, "local_steps": 3, "delta": 1e-3, "epsilon": 4, "client_cpus": os.cpu_count() or 1,
+    "lr": 0.5,
+}  # fmt: skip
 FEDERATION_RUN_METHODS = ("fedsvd", "ffa", "fedavg")
+
+
+# Fixtures that make a federation once for many tests: each test that uses one goes to the xdist worker of its group.
+SHARED_FEDERATION_GROUPS = {"federation_runs": "shared-federation-runs", "deployment": "loopback-deployment"}
+# pytest-xdist names each worker in this variable, and every process a test starts inherits it.
+WORKER_VARIABLE = "PYTEST_XDIST_WORKER"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, group in SHARED_FEDERATION_GROUPS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
+def started_by_this_worker(process: psutil.Process) -> bool:
+    """Whether a process was started (however indirectly) by this pytest process rather than by another xdist
+    worker: by the worker name in its environment, which survives the process being orphaned."""
+    try:
+        return process.environ().get(WORKER_VARIABLE) == os.environ.get(WORKER_VARIABLE)
+    except psutil.Error:
+        return False
 
 
 def flower_processes() -> set[int]:
     """Flower and Ray processes this test session started, or that a finished run orphaned (adopted by init).
 
-    A federation another program is running on the same machine at the same time is neither: its processes
-    descend from that program, so they are not counted against these tests.
+    A federation another program (or another xdist worker) is running on the same machine at the same time is
+    neither: its processes descend from that program, or carry another worker's name, so they are not counted
+    against these tests.
     """
     names = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server", "ray::")
     found = set()
     for process in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             cmdline = " ".join(process.info["cmdline"] or [])
-            if not any(name in cmdline for name in names):
+            if not any(name in cmdline for name in names) or not started_by_this_worker(process):
                 continue
             ancestors = [parent.pid for parent in process.parents()]
             if os.getpid() in ancestors or ancestors[:1] == [1] or not ancestors:

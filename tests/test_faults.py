@@ -27,6 +27,7 @@ from conftest import (
     fedsvd_command,
     flower_processes,
     run_fedsvd,
+    started_by_this_worker,
 )
 from dp_accounting import dp_event, rdp
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -567,7 +568,9 @@ def test_a_dead_worker_is_replaced_its_clients_train_again_and_their_spend_is_co
     process = _start(out_dir, tiny_bert, sentiment_csv, "--set", f"rounds={rounds}", "--set", "fraction=1.0")
     _wait_for_round(process, out_dir, 1)
     workers = [
-        p for p in psutil.process_iter(["cmdline"]) if "ray::ClientAppActor" in " ".join(p.info["cmdline"] or [])
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "ray::ClientAppActor" in " ".join(p.info["cmdline"] or []) and started_by_this_worker(p)
     ]
     assert workers, "no Ray client worker found"
     os.kill(workers[0].pid, signal.SIGKILL)

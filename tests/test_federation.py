@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLIENTS, ROUNDS, flower_processes, run_fedsvd
+from conftest import CLIENTS, ROUNDS, TINY_FEDERATION, flower_processes, run_fedsvd
 from dp_accounting import dp_event, rdp
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -142,7 +142,7 @@ def test_expected_participation_skips_clients_at_their_budget_and_never_exceeds_
 def _comparison_file(path: Path, tiny_bert: Path, sentiment_csv: Path, methods: list[str]) -> Path:
     settings = {
         "model": f'"{tiny_bert}"', "dataset": f'"{sentiment_csv}"', "num_clients": CLIENTS, "local_steps": 3,
-        "delta": 1e-3, "epsilon": 4.0, "client_cpus": 1, "rounds": ROUNDS, "fraction": 0.6,
+        "delta": 1e-3, "epsilon": 4.0, "client_cpus": TINY_FEDERATION["client_cpus"], "rounds": ROUNDS, "fraction": 0.6,
         "local_eval_fraction": 0.1,
     }  # fmt: skip
     lines = ["seeds = 1", "target_accuracy = 0.5", "[settings]", *(f"{k} = {v}" for k, v in settings.items())]
