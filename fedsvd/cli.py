@@ -65,8 +65,44 @@ def _out_dir(cfg: ExperimentConfig, requested: str | None) -> Path:
     return Path("results", f"{cfg.method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}").resolve()
 
 
-def _show_round(row: dict) -> None:
-    print(progress_line(row), flush=True)
+# Without a terminal to rewrite a line in, what a round waits for is printed at most this often.
+WAITING_LINE_EVERY_S = 60.0
+
+
+class _Console:
+    """A line per round; in between, what the round is waiting for (clients replied, scoring): on a terminal
+    one line rewritten in place, otherwise a line at most once a minute, so that logs stay short but a long
+    round still shows that it moves."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.rewritable = sys.stdout.isatty()
+        self.live = False  # a rewritable line is on screen
+        self.last_line = time.monotonic()
+
+    def round(self, row: dict) -> None:
+        self.clear()
+        print(self.prefix + progress_line(row), flush=True)
+        self.last_line = time.monotonic()
+
+    def waiting(self, text: str) -> None:
+        if self.rewritable:
+            print("\r\x1b[K" + self.prefix + text, end="", flush=True)
+            self.live = True
+        elif time.monotonic() - self.last_line >= WAITING_LINE_EVERY_S:
+            print(self.prefix + text, flush=True)
+            self.last_line = time.monotonic()
+
+    def clear(self) -> None:
+        if self.live:
+            print("\r\x1b[K", end="", flush=True)
+            self.live = False
+
+    def __enter__(self) -> _Console:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.clear()
 
 
 def _check_out_dir(out_dir: Path, option: str) -> None:
@@ -255,7 +291,8 @@ def command_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda number, _: sys.exit(128 + number))
     started = time.monotonic()
     try:
-        finished = run_simulation(cfg, out_dir, _show_round)
+        with _Console() as console:
+            finished = run_simulation(cfg, out_dir, console.round, console.waiting)
     except KeyboardInterrupt:
         return _interrupted(out_dir, 128 + signal.SIGINT, "interrupted")
     except SystemExit as exit_:
@@ -274,7 +311,7 @@ def command_run(args: argparse.Namespace) -> int:
     last = rows[-1]
     dropped = sum(1 for row in rows if row.get("dropped"))
     print(
-        f"done in {time.monotonic() - started:.0f}s: final accuracy {last['accuracy']:.4f}, "
+        f"done in {time.monotonic() - started:.0f}s: final accuracy {summary['final_accuracy']:.4f}, "
         f"max epsilon {last['epsilon_max']:.3f}"
         + (f" (target {cfg.epsilon:g}, delta {cfg.delta:g})" if cfg.dp else " (no DP)")
         + (f"; {dropped} round(s) dropped, see metrics.jsonl" if dropped else "")
@@ -360,11 +397,10 @@ def command_compare(args: argparse.Namespace) -> int:
             directory.rename(directory.with_name(f"{directory.name}.incomplete-{_stamp()}"))
         print(f"{label}: {cfg.method}, {cfg.rounds} rounds" + (", resumed" if resume else ""), flush=True)
         try:
-            finished = run_simulation(
-                cfg.replace(out_dir=str(directory), resume=resume),
-                directory,
-                lambda row, prefix=f"  {run.name} s{seed} | ": print(prefix + progress_line(row), flush=True),
-            )
+            with _Console(prefix=f"  {run.name} s{seed} | ") as console:
+                finished = run_simulation(
+                    cfg.replace(out_dir=str(directory), resume=resume), directory, console.round, console.waiting
+                )
         except KeyboardInterrupt:
             return _interrupted(directory, 128 + signal.SIGINT, "interrupted")
         except (OSError, RuntimeError) as err:

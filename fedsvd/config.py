@@ -131,6 +131,16 @@ class ExperimentConfig:
         None,
         "in (0, 1)",
     )
+    eval_every: int = _key(
+        1, "score the held-out set every N rounds (round 0 and the last round always)", _positive, ">= 1"
+    )
+    eval_sample: int = _key(
+        0,
+        "score the rounds before the last on a fixed random sample of this many held-out examples (0 = all of "
+        "them); the last round is always scored on all",
+        _non_negative,
+        ">= 0",
+    )
     local_eval_fraction: float = _key(
         0.0,
         "share of each client's partition held out for per-client evaluation every round (0 = none; "

@@ -7,6 +7,7 @@ re-render a comparison at any time, including while it is still running or after
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -95,7 +96,8 @@ def load_results(out_dir: Path) -> tuple[dict[str, Any], list[RunResult]]:
 
 
 def _first_round_reaching(rows: Sequence[Mapping[str, Any]], target: float) -> int | None:
-    return next((row["round"] for row in rows if row["round"] > 0 and row["accuracy"] >= target), None)
+    scored = (row for row in rows if row["round"] > 0 and row["accuracy"] is not None)
+    return next((row["round"] for row in scored if row["accuracy"] >= target), None)
 
 
 def _training_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -114,7 +116,9 @@ def summarise(result: RunResult, target: float | None) -> dict[str, Any]:
         return line
     finals = [summary["final_accuracy"] for summary in result.summaries]
     line["final_accuracy_mean"], line["final_accuracy_ci95"] = mean_ci95(finals)
-    line["best_accuracy_mean"] = statistics.fmean(max(row["accuracy"] for row in rows) for rows in result.rows)
+    line["best_accuracy_mean"] = statistics.fmean(
+        max(row["accuracy"] for row in rows if row["accuracy"] is not None) for rows in result.rows
+    )
     if target is not None:
         reached = [r for rows in result.rows if (r := _first_round_reaching(rows, target)) is not None]
         line["seeds_reaching_target"] = f"{len(reached)}/{len(result.rows)}"
@@ -180,8 +184,11 @@ def write_tables(out_dir: Path, lines: Sequence[Mapping[str, Any]], record: Mapp
 
 
 def _per_round(result: RunResult, key: str) -> tuple[list[int], list[float], list[float]]:
-    """Rounds present in every finished seed, with the mean and 95% CI half-width of ``key`` across seeds."""
-    common = sorted(set.intersection(*(set(row["round"] for row in rows) for rows in result.rows)))
+    """Rounds with a value of ``key`` in every finished seed (rounds that were not scored have none), with its
+    mean and 95% CI half-width across seeds."""
+    common = sorted(
+        set.intersection(*(set(row["round"] for row in rows if row.get(key) is not None) for rows in result.rows))
+    )
     means, halves = [], []
     for server_round in common:
         values = [next(row[key] for row in rows if row["round"] == server_round) for rows in result.rows]
@@ -221,9 +228,10 @@ def plot(out_dir: Path, results: Sequence[RunResult], record: Mapping[str, Any])
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for result in finished:
         rounds, accuracy, _ = _per_round(result, "accuracy")
-        _, uplink, _ = _per_round(result, "bytes_up")
-        cumulative = [sum(uplink[: i + 1]) / 2**20 for i in range(len(uplink))]
-        axes.plot(cumulative, accuracy, marker="o", markersize=3, label=result.name)
+        every_round, uplink, _ = _per_round(result, "bytes_up")
+        # Uploaded up to each round, every round counted, read off at the rounds that were scored.
+        cumulative = dict(zip(every_round, itertools.accumulate(value / 2**20 for value in uplink), strict=True))
+        axes.plot([cumulative[r] for r in rounds], accuracy, marker="o", markersize=3, label=result.name)
     axes.set(
         title=f"Accuracy against total client upload (mean over {seeds})",
         xlabel="cumulative uplink (MiB, all clients)",

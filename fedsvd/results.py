@@ -34,12 +34,15 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 CLIENT_STATE_DIR = "client-state"
 # Left by a server that ended an attempt on purpose (a client worker died) for its launcher to start again.
 RESTART_FILE = "restart-requested.json"
+# What the server is waiting for inside a round (how many clients have replied), rewritten as replies arrive.
+PROGRESS_JSON = "progress.json"
 # The scalar columns of metrics.csv, in order; per-client detail stays in the JSONL.
 CSV_COLUMNS = (
     "round",
     "method",
     "accuracy",
     "loss",
+    "eval_examples",
     "local_accuracy",
     "epsilon_max",
     "epsilon_mean",
@@ -63,21 +66,47 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def progress_line(row: Mapping[str, Any]) -> str:
-    """The one-line view of a round that ``fedsvd run`` prints and the server logs."""
+    """The one-line view of a round that ``fedsvd run`` prints and the server logs. Scores are "-" in a round
+    the held-out set was not scored in (``eval_every``) and marked "~" when scored on the evaluation sample."""
     trained = ",".join(str(p) for p in row["clients"]) or "-"
     local = row.get("local_accuracy")
+    mark = "~" if row.get("eval_sampled") else " "
+    accuracy, loss = ("   -   ", "   -   ")
+    if row["accuracy"] is not None:
+        accuracy, loss = f"{mark}{row['accuracy']:.4f}", f"{mark}{row['loss']:.4f}"
     return (
-        f"round {row['round']:>3} | acc {row['accuracy']:.4f} | "
+        f"round {row['round']:>3} | acc{accuracy} | "
         + (f"local acc {local:.4f} | " if local is not None else "")
-        + f"loss {row['loss']:.4f} | eps max {row['epsilon_max']:6.3f} mean {row['epsilon_mean']:6.3f} | "
+        + f"loss{loss} | eps max {row['epsilon_max']:6.3f} mean {row['epsilon_mean']:6.3f} | "
         f"clients {trained:<12} | {row['seconds']:6.1f}s"
         + (f" | failed {','.join(row['rejected'])}" if row.get("rejected") else "")
         + (" | round dropped" if row.get("dropped") else "")
     )
 
 
+def waiting_line(progress: Mapping[str, Any], seconds: float) -> str:
+    """The one-line view of what the server is waiting for inside a round (from ``progress.json``)."""
+    count = f": {progress['replied']}/{progress['sent']} clients replied" if progress["sent"] else ""
+    return f"round {progress['round']:>3} | {progress['stage']}{count} ({seconds:.0f} s)"
+
+
 def has_results(out_dir: Path) -> bool:
     return (out_dir / METRICS_JSONL).exists()
+
+
+def write_progress(out_dir: Path, server_round: int, stage: str, replied: int, sent: int) -> None:
+    """Say what the server waits for: ``stage`` of ``server_round`` (0: setting up), ``replied`` of ``sent``."""
+    progress = {"round": server_round, "stage": stage, "replied": replied, "sent": sent}
+    _write_atomically(out_dir / PROGRESS_JSON, lambda p: p.write_text(json.dumps(progress)))
+
+
+def read_progress(out_dir: Path) -> dict[str, Any] | None:
+    """The server's last progress note, or None when there is none (yet) or it cannot be read."""
+    try:
+        progress = json.loads((out_dir / PROGRESS_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    return progress if isinstance(progress, dict) else None
 
 
 class ResultsExist(RuntimeError):

@@ -30,11 +30,12 @@ import psutil
 from fedsvd.config import ExperimentConfig
 from fedsvd.results import (
     CLIENT_STATE_DIR,
-    METRICS_JSONL,
     RESTART_FILE,
     SUMMARY_JSON,
     ServerState,
     read_metrics,
+    read_progress,
+    waiting_line,
 )
 from fedsvd.watchdog import stop
 
@@ -128,23 +129,44 @@ def stop_process_trees(*processes: subprocess.Popen) -> None:
 
 
 class _ProgressFollower:
-    """Shows every new round of metrics.jsonl as the server appends it, once, across restarts."""
+    """Shows every new round of metrics.jsonl as the server appends it, once, across restarts; in between,
+    what the server waits for (``progress.json``) and for how long."""
 
-    def __init__(self, path: Path, show: Callable[[dict], None], shown_up_to: int = -1) -> None:
-        self.path = path
+    def __init__(
+        self, out_dir: Path, show: Callable[[dict], None], waiting: Callable[[str], None] | None = None
+    ) -> None:
+        self.out_dir = out_dir
         self.show = show
-        self.shown_up_to = shown_up_to
+        self.waiting = waiting
+        self.shown_up_to = -1
+        self.stage: tuple[object, object] | None = None
+        self.stage_since = time.monotonic()
 
     def poll(self) -> None:
-        for row in read_metrics(self.path.parent):
+        for row in read_metrics(self.out_dir):
             if row["round"] > self.shown_up_to:
                 self.shown_up_to = row["round"]
                 self.show(row)
+        if self.waiting is None:
+            return
+        progress = read_progress(self.out_dir)
+        if progress is None or not isinstance(progress.get("round"), int) or progress["round"] <= self.shown_up_to:
+            return  # nothing yet, or the note of a round already shown
+        stage = (progress["round"], progress.get("stage"))
+        if stage != self.stage:
+            self.stage, self.stage_since = stage, time.monotonic()
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            self.waiting(waiting_line(progress, time.monotonic() - self.stage_since))
 
 
-def run_simulation(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], None]) -> bool:
+def run_simulation(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    show: Callable[[dict], None],
+    waiting: Callable[[str], None] | None = None,
+) -> bool:
     """Run one federation (or continue it, with ``cfg.resume``); True if the server finished and wrote its
-    summary.
+    summary. ``show`` gets every round's metrics row, ``waiting`` a line on what a round is waiting for.
 
     Clients keep their state under the results, so that a resumed run finds it. When a client worker dies,
     the server ends the attempt at a checkpointed round and asks for a restart: the federation is then started
@@ -153,7 +175,7 @@ def run_simulation(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], 
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.replace(out_dir=str(out_dir), client_state_dir=str(out_dir / CLIENT_STATE_DIR))
-    follower = _ProgressFollower(out_dir / METRICS_JSONL, show)
+    follower = _ProgressFollower(out_dir, show, waiting)
     if cfg.resume:
         follower.shown_up_to = ServerState.load(out_dir).completed_round
     for _ in range(MAX_RESTARTS + 1):

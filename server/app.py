@@ -20,6 +20,7 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
@@ -39,9 +40,10 @@ from fedsvd.results import (
     RunRecorder,
     ServerState,
     progress_line,
+    write_progress,
     write_restart_request,
 )
-from server.strategy import BudgetExhausted, LoraStrategy, RoundRecord, client_error
+from server.strategy import BudgetExhausted, LoraStrategy, Progress, RoundRecord, client_error, exchange
 
 # How long the server waits for every SuperNode to connect and introduce itself.
 DISCOVERY_TIMEOUT_S = 600.0
@@ -64,7 +66,9 @@ def results_dir(cfg: ExperimentConfig) -> Path:
     return Path("results", f"{cfg.method}-{stamp}").resolve()
 
 
-def discover_clients(grid: Grid, cfg: ExperimentConfig, num_labels: int) -> dict[int, tuple[int, Description]]:
+def discover_clients(
+    grid: Grid, cfg: ExperimentConfig, num_labels: int, progress: Progress | None = None
+) -> dict[int, tuple[int, Description]]:
     """Ask every node who it is: node ids are not stable across runs, partitions are.
 
     A node that fails to describe itself, or describes itself wrongly, is left out with a logged reason; two
@@ -80,7 +84,7 @@ def discover_clients(grid: Grid, cfg: ExperimentConfig, num_labels: int) -> dict
     messages = [Message(query, node, MessageType.QUERY) for node in node_ids]
     found: dict[int, tuple[int, Description]] = {}
     claimed: Counter[int] = Counter()
-    for reply in grid.send_and_receive(messages, timeout=DISCOVERY_TIMEOUT_S):
+    for reply in exchange(grid, messages, DISCOVERY_TIMEOUT_S, progress, (0, "discovery")):
         node = reply.metadata.src_node_id
         try:
             if reply.has_error():
@@ -131,6 +135,16 @@ def majority_accuracy(labels: Sequence[int]) -> float:
     return Counter(labels).most_common(1)[0][1] / len(labels)
 
 
+@dataclass(frozen=True)
+class Score:
+    """The held-out set's verdict on one round's adapter, and on how many of its examples."""
+
+    accuracy: float
+    loss: float
+    examples: int
+    sampled: bool
+
+
 @dataclass
 class RoundRecorder:
     """Turns what a round returned into a metrics row and the console line, and makes the round durable."""
@@ -143,8 +157,10 @@ class RoundRecorder:
     last_time: float = field(default_factory=time.monotonic)
 
     def record(
-        self, server_round: int, arrays: ArrayRecord, accuracy: float, loss: float, trained: RoundRecord | None
+        self, server_round: int, arrays: ArrayRecord, score: Score | None, trained: RoundRecord | None
     ) -> dict[str, Any]:
+        """Write the round; ``score`` is None for a round the held-out set was not scored in (``eval_every``)."""
+        accuracy, loss = (score.accuracy, score.loss) if score is not None else (None, None)
         epsilon = self.state.epsilon
         if self.ledger is not None:
             # The server's ledger is the source of truth: it counts every client that was instructed to train.
@@ -157,6 +173,8 @@ class RoundRecorder:
             "method": self.cfg.method,
             "accuracy": accuracy,
             "loss": loss,
+            "eval_examples": score.examples if score is not None else 0,
+            "eval_sampled": score is not None and score.sampled,
             "local_accuracy": trained.local_accuracy if trained else None,
             "local_loss": trained.local_loss if trained else None,
             "epsilon_max": max(epsilon.values(), default=0.0),
@@ -181,12 +199,14 @@ class RoundRecorder:
         tensors = arrays.to_torch_state_dict()
         self.state.completed_round = server_round
         self.state.arrays = tensors
-        self.state.latest = {
-            "round": server_round,
-            "accuracy": accuracy,
-            "loss": loss,
-            "local_accuracy": row["local_accuracy"],
-        }
+        if score is not None:
+            self.state.latest = {
+                "round": server_round,
+                "accuracy": accuracy,
+                "loss": loss,
+                "local_accuracy": row["local_accuracy"],
+                "sampled": score.sampled,
+            }
         if trained is not None:
             self.state.short_rounds = self.state.short_rounds + 1 if trained.dropped else 0
         self.results.save_adapter(tensors, adapter_metadata(self.cfg, self.method))
@@ -224,14 +244,30 @@ class Federation:
     arrays: ArrayRecord
     resumed: bool
 
-    def evaluate(self, arrays: ArrayRecord) -> tuple[float, float]:
-        set_arrays(self.model, arrays.to_torch_state_dict(), self.cfg.train_head)
-        return evaluate(self.model, self.held_out, self.device)
+    def score(self, arrays: ArrayRecord, server_round: int, whole: bool = False) -> Score | None:
+        """Score the adapter on the held-out set as ``eval_every`` and ``eval_sample`` say for this round (None:
+        not this round); the last round, and ``whole``, on every held-out example."""
+        cfg = self.cfg
+        last = server_round == cfg.rounds or whole
+        if not last and server_round % cfg.eval_every != 0:
+            return None
+        examples = len(self.held_out["labels"])
+        rows = None
+        if not last and 0 < cfg.eval_sample < examples:
+            # The same examples every round (seeded), so that the sampled rounds compare with each other.
+            order = np.random.default_rng([cfg.seed, examples]).permutation(examples)
+            rows = torch.from_numpy(order[: cfg.eval_sample])
+        if self.strategy.progress is not None:
+            self.strategy.progress(server_round, "scoring the held-out set", 0, 0)
+        set_arrays(self.model, arrays.to_torch_state_dict(), cfg.train_head)
+        tokens = self.held_out if rows is None else {key: value[rows] for key, value in self.held_out.items()}
+        accuracy, loss = evaluate(self.model, tokens, self.device)
+        return Score(accuracy, loss, len(tokens["labels"]), rows is not None)
 
     def run(self) -> None:
         cfg, state = self.cfg, self.recorder.state
         if not self.resumed:
-            self.recorder.record(0, self.arrays, *self.evaluate(self.arrays), None)
+            self.recorder.record(0, self.arrays, self.score(self.arrays, 0), None)
         stop: dict[str, str] = {}
         for server_round in range(state.completed_round + 1, cfg.rounds + 1):
             try:
@@ -242,8 +278,10 @@ class Federation:
                 break
             if new_arrays is not None:
                 self.arrays = new_arrays
+            score = self.score(self.arrays, server_round)
+            if new_arrays is not None and score is not None:
                 self.strategy.evaluate_round(self.grid, server_round, self.arrays, ROUND_TIMEOUT_S)
-            self.recorder.record(server_round, self.arrays, *self.evaluate(self.arrays), trained)
+            self.recorder.record(server_round, self.arrays, score, trained)
             dead = sorted(p for p, reason in trained.rejected.items() if any(s in reason for s in DEAD_WORKER_SIGNS))
             if state.short_rounds >= MAX_SHORT_ROUNDS:
                 stop["failed"] = (
@@ -264,6 +302,12 @@ class Federation:
 
     def finish(self, stop: dict[str, str]) -> None:
         state = self.recorder.state
+        if state.latest.get("round") != state.completed_round or state.latest.get("sampled"):
+            # A run that stopped early may end on a round that was not scored, or only on the sample: the final
+            # figures are always the final adapter on the whole held-out set.
+            final = self.score(self.arrays, state.completed_round, whole=True)
+            assert final is not None
+            state.latest = {"round": state.completed_round, "accuracy": final.accuracy, "loss": final.loss}
         self.recorder.results.finish(
             {
                 "method": self.cfg.method,
@@ -307,7 +351,10 @@ def set_up(grid: Grid, cfg: ExperimentConfig) -> Federation:
     ).to(device)
     held_out = tokenize(data.held_out, load_tokenizer(cfg.model), cfg.max_length)
 
-    found = discover_clients(grid, cfg, data.num_labels)
+    def progress(server_round: int, stage: str, replied: int, sent: int) -> None:
+        write_progress(out_dir, server_round, stage, replied, sent)
+
+    found = discover_clients(grid, cfg, data.num_labels, progress)
     if stored is None:
         plans = plan_clients(cfg, data, found)
     else:
@@ -343,6 +390,7 @@ def set_up(grid: Grid, cfg: ExperimentConfig) -> Federation:
         # Without a budget check 'every_round' planning cannot overspend; 'expected' planning relies on it.
         target_epsilon=cfg.epsilon if cfg.dp else None,
         local_eval=cfg.local_eval_fraction > 0,
+        progress=progress,
     )
     if stored is None:
         arrays = ArrayRecord(get_arrays(model, cfg.train_head, base_weights=method.merges_into_base))

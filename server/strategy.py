@@ -14,7 +14,8 @@ they are made of.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 
@@ -44,6 +45,40 @@ from fedsvd.protocol import (
 
 # Relative tolerance between a reported noise multiplier or sample rate and the server's plan (float rounding).
 PLAN_TOLERANCE = 1e-9
+
+
+# How often the server looks for replies that have arrived (Flower's own send_and_receive: every 0.1 s).
+PULL_INTERVAL_S = 0.2
+# Told (round, stage, replies so far, messages sent) each time more replies arrive; round 0 is the set-up.
+Progress = Callable[[int, str, int, int], None]
+
+
+def exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float | None,
+    progress: Progress | None = None,
+    at: tuple[int, str] = (0, ""),
+) -> list[Message]:
+    """Flower's ``Grid.send_and_receive``, telling ``progress`` how many replies are in whenever more arrive
+    (``at`` = the round and stage the messages belong to): a round of many clients, or of slow ones, takes
+    minutes, and the user should see it move."""
+    waiting = set(grid.push_messages(messages))
+    sent = len(waiting)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    if progress is not None:
+        progress(*at, 0, sent)
+    while waiting and (deadline is None or time.monotonic() < deadline):
+        arrived = list(grid.pull_messages(waiting))
+        if not arrived:
+            time.sleep(PULL_INTERVAL_S)
+            continue
+        replies += arrived
+        waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
+        if progress is not None:
+            progress(*at, sent - len(waiting), sent)
+    return replies
 
 
 def client_error(reply: Message) -> str:
@@ -113,6 +148,8 @@ class LoraStrategy(FedAvg):
         With a ledger: no client is selected for a round that would take it past this epsilon.
     local_eval : bool
         After each round, every client evaluates the new global adapter on its own held-out slice.
+    progress : callable, optional
+        Told (round, stage, replies so far, messages sent) as a round's replies arrive.
     """
 
     def __init__(
@@ -130,6 +167,7 @@ class LoraStrategy(FedAvg):
         ledger: ServerPrivacyLedger | None = None,
         target_epsilon: float | None = None,
         local_eval: bool = False,
+        progress: Progress | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0, fraction_evaluate=1.0 if local_eval else 0.0, min_available_nodes=len(nodes)
@@ -145,6 +183,7 @@ class LoraStrategy(FedAvg):
         self.min_replies = min_replies
         self.ledger = ledger
         self.target_epsilon = target_epsilon
+        self.progress = progress
         self._partition_of = {node: partition for partition, node in self.nodes.items()}
         self._round: _RoundInProgress | None = None
 
@@ -182,9 +221,8 @@ class LoraStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, RoundRecord]:
         """Instruct this round's clients, collect and check their replies, aggregate: the new global arrays
         (None when the round was dropped) and what happened."""
-        replies = grid.send_and_receive(
-            self.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=timeout
-        )
+        messages = self.configure_train(server_round, arrays, ConfigRecord(), grid)
+        replies = exchange(grid, messages, timeout, self.progress, (server_round, "training"))
         new_arrays = self._aggregate(server_round, replies)
         assert self._round is not None
         return new_arrays, self._round.record
@@ -193,7 +231,8 @@ class LoraStrategy(FedAvg):
         """Per-client evaluation of the new global arrays; the scores go into the round's record."""
         messages = self.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
         if messages:
-            self.aggregate_evaluate(server_round, grid.send_and_receive(messages, timeout=timeout))
+            replies = exchange(grid, messages, timeout, self.progress, (server_round, "local evaluation"))
+            self.aggregate_evaluate(server_round, replies)
 
     # --- Flower's hooks ----------------------------------------------------------------------------------
 

@@ -172,6 +172,17 @@ def test_report_computes_means_intervals_and_rounds_to_target(tmp_path: Path) ->
         assert path.read_bytes().startswith(PNG_MAGIC) and path.stat().st_size > 10_000
 
 
+def test_report_reads_runs_scored_only_every_other_round(tmp_path: Path) -> None:
+    """With eval_every = 2 the unscored rounds have no accuracy: the table and plots use the scored ones."""
+    record = {"source": "c.toml", "base": {}, "seeds": [0], "target_accuracy": 0.7,
+              "runs": [{"name": "sparse", "method": "fedsvd", "overrides": {}}]}  # fmt: skip
+    (tmp_path / COMPARISON_JSON).write_text(json.dumps(record))
+    fake_run(run_dir(tmp_path, "sparse", 0), [0.5, None, 0.75, None, 0.72], bytes_up=100)  # type: ignore[list-item]
+    lines, plots = render(tmp_path)
+    assert lines[0]["best_accuracy_mean"] == 0.75 and lines[0]["rounds_to_target_mean"] == 2
+    assert sorted(path.name for path in plots) == sorted(PLOTS.values())
+
+
 def test_report_cli_needs_a_comparison_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path)]) == 2
     assert "not a comparison directory" in capsys.readouterr().err
@@ -248,7 +259,9 @@ def test_a_failing_run_is_reported_the_others_go_on_and_resume_retries_only_it(
     resumed: list[tuple[str, int]] = []
     broken = {"b"}
 
-    def simulate(cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], None]) -> bool:
+    def simulate(
+        cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], None], waiting: Callable[[str], None]
+    ) -> bool:
         calls.append((out_dir.parent.name, cfg.seed))
         finished = out_dir.parent.name not in broken
         if cfg.resume:

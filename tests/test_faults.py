@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -48,7 +49,8 @@ from fedsvd.protocol import (
     TrainReply,
     parse_arrays,
 )
-from fedsvd.results import CheckpointError, ResultsExist, RunRecorder, ServerState, read_metrics
+from fedsvd.results import CheckpointError, ResultsExist, RunRecorder, ServerState, read_metrics, write_progress
+from fedsvd.simulation import _ProgressFollower
 from server.app import discover_clients
 from server.strategy import LoraStrategy
 
@@ -129,6 +131,8 @@ def test_every_malformed_field_is_a_rejection_naming_it(kind: str, key: str, val
 
 A, B, HEAD = "m.lora_A.weight", "m.lora_B.weight", "head.weight"
 SIGMA, RATE, STEPS, DELTA = 1.1, 0.1, 3, 1e-3
+# How long a round of these tests waits for replies: FakeGrid answers at once, so only lost replies wait.
+WAIT_S = 0.5
 
 
 @pytest.fixture(autouse=True)
@@ -152,19 +156,29 @@ def _global(method: str = "fedsvd") -> dict[str, torch.Tensor]:
 
 
 class FakeGrid:
-    """Answers every message with what ``respond`` makes of it (None: the reply is lost)."""
+    """Answers every message with what ``respond`` makes of it (None: the reply is lost), the way Flower's grid
+    hands replies over: each message gets an id when pushed, and replies are pulled by the ids they answer."""
 
     def __init__(self, respond: Callable[[Message], Message | list[Message] | None]) -> None:
         self.respond = respond
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies: list[Message] = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's in-memory grid does
             self.sent.append(message)
             answer = self.respond(message)
-            replies += answer if isinstance(answer, list) else [answer] if answer is not None else []
-        return replies
+            self.replies += answer if isinstance(answer, list) else [answer] if answer is not None else []
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        ready = [reply for reply in self.replies if reply.metadata.reply_to_message_id in wanted]
+        self.replies = [reply for reply in self.replies if reply.metadata.reply_to_message_id not in wanted]
+        return ready
 
     def get_node_ids(self) -> list[int]:
         return [10, 11, 12]
@@ -260,7 +274,7 @@ def test_malformed_replies_are_rejected_and_the_round_goes_on() -> None:
     honest = _honest(strategy)
     bad_count = _honest(strategy, overrides={1: {"num-examples": math.nan}})
     grid = FakeGrid(lambda m: bad_count(m) if m.metadata.dst_node_id == 11 else honest(m))
-    new_arrays, record = strategy.train_round(grid, 1, ArrayRecord(_global()), timeout=None)  # type: ignore[arg-type]
+    new_arrays, record = strategy.train_round(grid, 1, ArrayRecord(_global()), timeout=WAIT_S)  # type: ignore[arg-type]
     assert new_arrays is not None and record.clients == [0, 2]
     assert "'num-examples' is not finite" in record.rejected[1]
     assert record.dropped is None
@@ -279,7 +293,7 @@ def test_malformed_replies_are_rejected_and_the_round_goes_on() -> None:
 def test_reports_that_disagree_with_the_plan_are_rejected(reply: dict, reason: str) -> None:
     strategy = _strategy()
     responder = _honest(strategy, overrides={1: reply})
-    _, record = strategy.train_round(FakeGrid(responder), 1, ArrayRecord(_global()), timeout=None)  # type: ignore[arg-type]
+    _, record = strategy.train_round(FakeGrid(responder), 1, ArrayRecord(_global()), timeout=WAIT_S)  # type: ignore[arg-type]
     assert reason in record.rejected[1] and record.clients == [0, 2]
 
 
@@ -295,7 +309,7 @@ def test_lost_duplicate_and_foreign_replies() -> None:
             return [honest(message), honest(message)]  # the same partition twice
         return Message(Error(code=0, reason="boom\nTraceback (most recent call last): ..."), reply_to=message)
 
-    _, record = strategy.train_round(FakeGrid(respond), 1, ArrayRecord(_global()), timeout=None)  # type: ignore[arg-type]
+    _, record = strategy.train_round(FakeGrid(respond), 1, ArrayRecord(_global()), timeout=WAIT_S)  # type: ignore[arg-type]
     assert record.rejected == {0: "no reply", 1: record.rejected[1], 2: "client error: boom"}
     assert "second reply" in record.rejected[1] and record.clients == [1]
 
@@ -303,19 +317,42 @@ def test_lost_duplicate_and_foreign_replies() -> None:
 def test_every_instructed_client_is_charged_even_without_a_reply() -> None:
     strategy = _strategy()
     grid = FakeGrid(lambda message: None)
-    _, record = strategy.train_round(grid, 1, ArrayRecord(_global()), timeout=None)  # type: ignore[arg-type]
+    _, record = strategy.train_round(grid, 1, ArrayRecord(_global()), timeout=WAIT_S)  # type: ignore[arg-type]
     assert strategy.ledger is not None and record.clients == []
     assert strategy.ledger.rounds == {0: [1], 1: [1], 2: [1]}
     # The next instruction carries the server's record, so a client that lost its state continues from it.
-    strategy.train_round(grid, 2, ArrayRecord(_global()), timeout=None)  # type: ignore[arg-type]
+    strategy.train_round(grid, 2, ArrayRecord(_global()), timeout=WAIT_S)  # type: ignore[arg-type]
     assert [m.content["config"]["privacy-rounds"] for m in grid.sent[-3:]] == [[1, 2]] * 3
+
+
+def test_a_round_tells_how_many_clients_have_replied_and_the_console_shows_it(tmp_path: Path) -> None:
+    strategy = _strategy()
+    notes: list[tuple[int, str, int, int]] = []
+    strategy.progress = lambda *note: notes.append(note)
+    strategy.train_round(FakeGrid(_honest(strategy)), 1, ArrayRecord(_global()), timeout=WAIT_S)  # type: ignore[arg-type]
+    assert notes[0] == (1, "training", 0, 3) and notes[-1] == (1, "training", 3, 3)
+
+    lines: list[str] = []
+    follower = _ProgressFollower(tmp_path, lambda row: lines.append(f"row {row['round']}"), lines.append)
+    write_progress(tmp_path, 0, "discovery", 2, 3)
+    follower.poll()
+    write_progress(tmp_path, 1, "training", 1, 3)
+    follower.poll()
+    assert lines == [
+        "round   0 | discovery: 2/3 clients replied (0 s)",
+        "round   1 | training: 1/3 clients replied (0 s)",
+    ]
+    recorder = RunRecorder(tmp_path, ExperimentConfig())
+    recorder.record_round({"round": 1})
+    follower.poll()
+    assert lines[-1] == "row 1", "a note of a round already shown is not shown again"
 
 
 def test_too_few_valid_replies_drop_the_round() -> None:
     strategy = _strategy(min_replies=3)
     honest = _honest(strategy)
     grid = FakeGrid(lambda m: honest(m) if m.metadata.dst_node_id != 12 else None)
-    new_arrays, record = strategy.train_round(grid, 1, ArrayRecord(_global()), timeout=None)  # type: ignore[arg-type]
+    new_arrays, record = strategy.train_round(grid, 1, ArrayRecord(_global()), timeout=WAIT_S)  # type: ignore[arg-type]
     assert new_arrays is None and record.dropped == "2 valid update(s), 3 needed"
 
 
@@ -328,11 +365,11 @@ def test_one_client_sending_values_a_million_times_larger_moves_the_adapter_by_a
     # FFA-LoRA: the average itself is the new adapter (FedSVD would rotate it; the product obeys the same bound).
     sent = ArrayRecord(_global())
     honest_strategy = _strategy("ffa")
-    honest_arrays, _ = honest_strategy.train_round(FakeGrid(_honest(honest_strategy)), 1, sent, timeout=None)  # type: ignore[arg-type]
+    honest_arrays, _ = honest_strategy.train_round(FakeGrid(_honest(honest_strategy)), 1, sent, timeout=WAIT_S)  # type: ignore[arg-type]
     strategy = _strategy("ffa")
     honest, attacker = _honest(strategy), _honest(strategy, scale=1e4)
     grid = FakeGrid(lambda m: attacker(m) if m.metadata.dst_node_id == 10 else honest(m))
-    attacked, record = strategy.train_round(grid, 1, sent, timeout=None)  # type: ignore[arg-type]
+    attacked, record = strategy.train_round(grid, 1, sent, timeout=WAIT_S)  # type: ignore[arg-type]
     assert attacked is not None and honest_arrays is not None and 0 < record.clipped[0] < 1e-2
     # Honest changes: (p + 1) * (0.01 on B's 6 entries, 0.001 on the head's 8). Sorted, the norms are
     # partition 1's, partition 2's and the attacker's: the lower median is partition 2's.
@@ -352,7 +389,7 @@ def test_a_non_finite_aggregate_is_dropped() -> None:
     strategy = _strategy("fedex")
     # Finite uploads, similar in size (none is bounded), whose products B_k A_k overflow float32 in the residual.
     honest = _honest(strategy, scale=1e37, shift=100.0)
-    new_arrays, record = strategy.train_round(FakeGrid(honest), 1, ArrayRecord(_global("fedex")), timeout=None)  # type: ignore[arg-type]
+    new_arrays, record = strategy.train_round(FakeGrid(honest), 1, ArrayRecord(_global("fedex")), timeout=WAIT_S)  # type: ignore[arg-type]
     assert new_arrays is None and record.dropped == "the aggregate is not finite"
 
 
@@ -360,14 +397,14 @@ def test_evaluation_replies_with_made_up_counts_are_not_counted() -> None:
     strategy = _strategy()
     strategy.fraction_evaluate = 1.0
     arrays = ArrayRecord(_global())
-    strategy.train_round(FakeGrid(_honest(strategy)), 1, arrays, timeout=None)  # type: ignore[arg-type]
+    strategy.train_round(FakeGrid(_honest(strategy)), 1, arrays, timeout=WAIT_S)  # type: ignore[arg-type]
 
     def score(message: Message) -> Message:
         count = 10**12 if message.metadata.dst_node_id == 10 else 10
         metrics = MetricRecord({"accuracy": 0.0 if count > 10 else 1.0, "loss": 0.1, "num-examples": count})
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
-    strategy.evaluate_round(FakeGrid(score), 1, arrays, timeout=None)  # type: ignore[arg-type]
+    strategy.evaluate_round(FakeGrid(score), 1, arrays, timeout=WAIT_S)  # type: ignore[arg-type]
     assert strategy._round is not None and strategy._round.record.local_accuracy == 1.0
 
 

@@ -114,10 +114,12 @@ def test_every_reported_epsilon_is_recomputed_by_dp_accounting(runs: dict[str, P
 def test_expected_participation_skips_clients_at_their_budget_and_never_exceeds_it(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
 ) -> None:
-    """5 rounds x 2 of 3 clients, noise planned for ceil(5 x 0.6) = 3 rounds each: 10 slots, 9 of budget."""
+    """5 rounds x 2 of 3 clients, noise planned for ceil(5 x 0.6) = 3 rounds each: 10 slots, 9 of budget.
+
+    The same run scores the held-out set every other round on a sample (eval_every, eval_sample)."""
     result = run_fedsvd(
         tmp_path, tiny_bert, sentiment_csv, "--set", "rounds=5", "--set", "fraction=0.6",
-        "--set", "planned_participation=expected",
+        "--set", "planned_participation=expected", "--set", "eval_every=2", "--set", "eval_sample=40",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     rows = _rows(tmp_path)
@@ -137,6 +139,19 @@ def test_expected_participation_skips_clients_at_their_budget_and_never_exceeds_
         assert summary["rounds"] == rows[-1]["round"] < 5
     else:
         assert rows[-1]["round"] == 5
+
+    # Rounds 0, 2 and 4 on the same 40 of the about 60 held-out examples, round 5 on all of them, the others not at
+    # all; the summary's final accuracy is the last adapter's on all of them, also after an early stop.
+    for row in rows:
+        if row["round"] == 5:
+            assert row["eval_examples"] > 40 and not row["eval_sampled"]
+            assert summary["final_accuracy"] == row["accuracy"]
+        elif row["round"] % 2 == 0:
+            assert row["eval_examples"] == 40 and row["eval_sampled"] and 0 <= row["accuracy"] <= 1
+        else:
+            assert row["accuracy"] is None and row["loss"] is None and row["eval_examples"] == 0
+    assert 0 <= summary["final_accuracy"] <= 1
+    assert "acc   -    |" in result.stdout and "acc~" in result.stdout
 
 
 def _comparison_file(path: Path, tiny_bert: Path, sentiment_csv: Path, methods: list[str]) -> Path:
