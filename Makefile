@@ -22,9 +22,10 @@ demo: setup
 
 # Two workers: a federation's start-up (process launches, imports, Ray) leaves a core idle for much of its time,
 # so two run side by side in about 1.5 times the time of one (see tests/conftest.py for what they share).
+# --no-loadscope-reorder keeps the order tests/conftest.py gives: the longest work first.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
 
 lint: setup
 	$(BIN)/ruff check .

@@ -91,16 +91,30 @@ FEDERATION_RUN_METHODS = ("fedsvd", "ffa", "fedavg")
 
 # Fixtures that make a federation once for many tests: each test that uses one goes to the xdist worker of its group.
 SHARED_FEDERATION_GROUPS = {"federation_runs": "shared-federation-runs", "deployment": "loopback-deployment"}
+# How many federations (about a minute each) those fixtures start; tests say their own with @pytest.mark.starts(n).
+FIXTURE_STARTS = {"federation_runs": 3, "deployment": 2}
 # pytest-xdist names each worker in this variable, and every process a test starts inherits it.
 WORKER_VARIABLE = "PYTEST_XDIST_WORKER"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the tests of a shared fixture into its xdist group, and hand the workers the longest work first (the
+    groups and the tests that start most federations): started last, a five-minute group would leave the
+    other worker idle at the end."""
+    cost: dict[str, float] = {}
+    scope_of: dict[str, str] = {}
     for item in items:
+        scope = item.nodeid
         for fixture, group in SHARED_FEDERATION_GROUPS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))
+                scope = group
+                cost.setdefault(group, FIXTURE_STARTS[fixture])
+        marker = item.get_closest_marker("starts")
+        cost[scope] = cost.get(scope, 0.0) + (marker.args[0] if marker else 0.0)
+        scope_of[item.nodeid] = scope
+    items.sort(key=lambda item: -cost[scope_of[item.nodeid]])
 
 
 def started_by_this_worker(process: psutil.Process) -> bool:

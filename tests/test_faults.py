@@ -544,6 +544,7 @@ def _signal_and_check(process: subprocess.Popen, out_dir: Path, number: int, bef
     return stderr
 
 
+@pytest.mark.starts(3)
 def test_interrupted_and_killed_runs_stop_everything_and_resume_bit_for_bit(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, federation_runs: dict[str, Path]
 ) -> None:
@@ -577,6 +578,7 @@ def test_interrupted_and_killed_runs_stop_everything_and_resume_bit_for_bit(
     assert flower_processes() <= before
 
 
+@pytest.mark.starts(1)
 def test_a_closed_terminal_stops_everything_and_leaves_a_resumable_run(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
 ) -> None:
@@ -596,6 +598,7 @@ def _dp_accounting_epsilon(history: list[list[float]]) -> float:
     return accountant.get_epsilon(DELTA)
 
 
+@pytest.mark.starts(2)
 def test_a_dead_worker_is_replaced_its_clients_train_again_and_their_spend_is_counted(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
 ) -> None:
@@ -629,6 +632,7 @@ def test_a_dead_worker_is_replaced_its_clients_train_again_and_their_spend_is_co
     assert flower_processes() <= before
 
 
+@pytest.mark.starts(1)
 def test_a_run_whose_rounds_keep_falling_short_stops_with_an_error(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
 ) -> None:

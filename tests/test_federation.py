@@ -111,6 +111,7 @@ def test_every_reported_epsilon_is_recomputed_by_dp_accounting(runs: dict[str, P
         assert entry["epsilon"]["rdp"] <= 4.0 + 1e-6 and entry["epsilon"]["prv"] <= entry["epsilon"]["rdp"]
 
 
+@pytest.mark.starts(1)
 def test_expected_participation_skips_clients_at_their_budget_and_never_exceeds_it(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
 ) -> None:
@@ -167,6 +168,7 @@ def _comparison_file(path: Path, tiny_bert: Path, sentiment_csv: Path, methods: 
     return path
 
 
+@pytest.mark.starts(4)
 def test_compare_runs_the_other_four_methods_by_their_rules(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
 ) -> None:

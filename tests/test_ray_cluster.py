@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 
 from fedsvd.config import ExperimentConfig
 from fedsvd.simulation import ray_address, stop_process_trees
@@ -88,6 +89,7 @@ def test_ray_address_comes_from_the_config_then_the_environment_then_a_private_l
     assert ray_address(cfg, {"RAY_ADDRESS": ""}) == ray_address(cfg, {}) == "local"
 
 
+@pytest.mark.starts(1.5)
 def test_simulation_joins_a_running_ray_cluster(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path) -> None:
     # Short: Ray's unix socket paths live below this directory and must stay under ~100 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="fedsvd-ray-", dir="/tmp"))
