@@ -1,0 +1,74 @@
+"""Planning a federation, as ratios measured side by side in one run.
+
+1. One RDP evaluation of the sampled Gaussian mechanism at all of fedsvd's orders: Opacus's term-by-term sums
+   against fedsvd's vectorised ones (``fedsvd.privacy.rdp_per_step``), which every calibration step, budget
+   check and privacy report goes through.
+2. The whole plan (split, partitions, every client's noise calibration) of 1,000 Dirichlet(0.5) clients on the
+   default data against 10 clients. Target: at most 2x.
+
+Usage: python bench/planning.py
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+from opacus.accountants.analysis.rdp import compute_rdp
+
+from fedsvd import federation, privacy
+from fedsvd.config import ExperimentConfig
+
+
+def seconds(run: object, repeats: int = 1) -> float:
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()  # type: ignore[operator]
+    return (time.perf_counter() - started) / repeats
+
+
+def rdp_ratio() -> str:
+    sigmas = [0.8 + 0.01 * k for k in range(10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opacus_s = seconds(
+            lambda: [compute_rdp(q=0.01, noise_multiplier=s, steps=1, orders=privacy.RDP_ORDERS) for s in sigmas]
+        )
+        privacy.rdp_per_step.cache_clear()
+        ours_s = seconds(lambda: [privacy.rdp_per_step(s, 0.01) for s in sigmas])
+    return (
+        f"RDP at {len(privacy.RDP_ORDERS)} orders, Opacus / fedsvd: {opacus_s / len(sigmas) * 1e3:.1f} ms / "
+        f"{ours_s / len(sigmas) * 1e3:.1f} ms = {opacus_s / ours_s:.0f}x"
+    )
+
+
+def plan_seconds(cfg: ExperimentConfig) -> float:
+    # Nothing cached from an earlier plan: each measurement loads, splits and calibrates from scratch.
+    federation.federation_data.cache_clear()
+    federation.client_plan.cache_clear()
+    privacy.calibrate_noise_multiplier.cache_clear()
+    privacy.rdp_per_step.cache_clear()
+    return seconds(lambda: federation.plan_federation(cfg))
+
+
+def planning_ratio() -> str:
+    small = ExperimentConfig(num_clients=10, rounds=2, batch_size=4)
+    large = small.replace(num_clients=1000, min_partition_size=4)
+    plan_seconds(small)  # warm-up: the corpus is read from disk once
+    small_s, large_s = plan_seconds(small), plan_seconds(large)
+    sizes = sorted(plan.num_examples for plan in federation.plan_federation(large))
+    ratio = large_s / small_s
+    return (
+        f"plan of 1,000 / 10 Dirichlet(0.5) clients (min_partition_size 4; sizes {sizes[0]}-{sizes[-1]}, "
+        f"{len(set(sizes))} distinct): {large_s:.1f} s / {small_s:.1f} s = {ratio:.1f}x (target <= 2x) "
+        f"{'ok' if ratio <= 2 else 'MISSED'}"
+    )
+
+
+def main() -> None:
+    print(rdp_ratio(), flush=True)
+    print(planning_ratio(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
