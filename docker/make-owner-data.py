@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedsvd.config import ConfigError, load_config
 from fedsvd.data import DataError, TextDataset
-from fedsvd.federation import federation_data
+from fedsvd.federation import Split, federation_data
 
 
 def write_owner_file(data: TextDataset, path: Path) -> None:
@@ -39,15 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         # Whole partitions: with local_eval_fraction > 0 every client splits its own file the same way itself.
-        data = federation_data(
-            dataset=cfg.dataset,
-            eval_fraction=cfg.eval_fraction,
-            num_clients=cfg.num_clients,
-            partition=cfg.partition,
-            dirichlet_alpha=cfg.dirichlet_alpha,
-            min_partition_size=cfg.min_partition_size,
-            seed=cfg.seed,
-        )
+        data = federation_data(dataclasses.replace(Split.of(cfg), local_eval_fraction=0.0))
     except (ConfigError, DataError) as err:
         print(f"make-owner-data: error: {err}", file=sys.stderr)
         return 2

@@ -45,90 +45,83 @@ class ClientPlan:
     planned_steps: int
 
 
-def _split_federation(
-    train: TextDataset,
-    held_out: TextDataset,
-    num_clients: int,
-    partition: str,
-    dirichlet_alpha: float,
-    min_partition_size: int,
-    seed: int,
-    local_eval_fraction: float,
-) -> FederationData:
-    indices = partition_indices(train.labels, num_clients, partition, dirichlet_alpha, seed, min_partition_size)
+@dataclass(frozen=True)
+class Split:
+    """The config keys that decide who holds which examples: what the cached split functions are keyed by, so
+    that runs differing in anything else (the method, say) share one split."""
+
+    dataset: str
+    eval_fraction: float
+    num_clients: int
+    partition: str
+    dirichlet_alpha: float
+    min_partition_size: int
+    seed: int
+    local_eval_fraction: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig) -> Split:
+        return cls(
+            cfg.dataset,
+            cfg.eval_fraction,
+            cfg.num_clients,
+            cfg.partition,
+            cfg.dirichlet_alpha,
+            cfg.min_partition_size,
+            cfg.seed,
+            cfg.local_eval_fraction,
+        )
+
+
+def _split_federation(train: TextDataset, held_out: TextDataset, split: Split) -> FederationData:
+    indices = partition_indices(
+        train.labels, split.num_clients, split.partition, split.dirichlet_alpha, split.seed, split.min_partition_size
+    )
     parts = [subset(train, part) for part in indices]
-    if local_eval_fraction == 0:
-        return FederationData(tuple(parts), (None,) * num_clients, held_out)
+    if split.local_eval_fraction == 0:
+        return FederationData(tuple(parts), (None,) * split.num_clients, held_out)
     splits = [
         # A stream per client, so one client's slice does not depend on how the others were drawn.
-        held_out_split(part, local_eval_fraction, int(np.random.SeedSequence([seed, pid]).generate_state(1)[0]))
+        held_out_split(
+            part, split.local_eval_fraction, int(np.random.SeedSequence([split.seed, pid]).generate_state(1)[0])
+        )
         for pid, part in enumerate(parts)
     ]
     return FederationData(tuple(part for part, _ in splits), tuple(local for _, local in splits), held_out)
 
 
 @functools.lru_cache(maxsize=4)
-def federation_data(
-    dataset: str,
-    eval_fraction: float,
-    num_clients: int,
-    partition: str,
-    dirichlet_alpha: float,
-    min_partition_size: int,
-    seed: int,
-    local_eval_fraction: float = 0.0,
-) -> FederationData:
+def federation_data(split: Split) -> FederationData:
     """Load, split and partition once per process (the server and each Ray worker call this every round).
 
     Hub tasks (GLUE, SNLI) keep their published splits: clients share the train split and the server
     evaluates on the validation split, which is what their results are reported on. Other data is split
     into ``eval_fraction`` held out and the rest for the clients.
     """
-    if dataset in HUB_TASKS:
-        train, held_out = load_texts(dataset), load_texts(dataset, split="eval")
+    if split.dataset in HUB_TASKS:
+        train, held_out = load_texts(split.dataset), load_texts(split.dataset, split="eval")
     else:
-        train, held_out = held_out_split(load_texts(dataset), eval_fraction, seed)
-    return _split_federation(
-        train, held_out, num_clients, partition, dirichlet_alpha, min_partition_size, seed, local_eval_fraction
-    )
+        train, held_out = held_out_split(load_texts(split.dataset), split.eval_fraction, split.seed)
+    return _split_federation(train, held_out, split)
 
 
 @functools.lru_cache(maxsize=4)
-def federation_shape_from_label_counts(
-    dataset: str,
-    num_clients: int,
-    partition: str,
-    dirichlet_alpha: float,
-    min_partition_size: int,
-    seed: int,
-    local_eval_fraction: float,
-) -> FederationData:
+def federation_shape_from_label_counts(split: Split) -> FederationData:
     """The federation of a hub task built from its published train label counts instead of its data.
 
     Partitions and held-out slices are drawn per class, so their sizes depend only on the class counts and
     the seed, never on the texts or their order: the result has the exact sizes (and label mix) of the real
     federation, with empty texts. It lets ``fedsvd plan`` run before the data is downloaded.
     """
-    task = HUB_TASKS[dataset]
+    task = HUB_TASKS[split.dataset]
     labels = tuple(label for label, count in enumerate(task.train_label_counts) for _ in range(count))
-    train = TextDataset(("",) * len(labels), labels, task.num_labels, f"{dataset} (label counts only)")
-    held_out = TextDataset(("",), (0,), task.num_labels, f"{dataset} eval (not loaded)")
-    return _split_federation(
-        train, held_out, num_clients, partition, dirichlet_alpha, min_partition_size, seed, local_eval_fraction
-    )
+    train = TextDataset(("",) * len(labels), labels, task.num_labels, f"{split.dataset} (label counts only)")
+    held_out = TextDataset(("",), (0,), task.num_labels, f"{split.dataset} eval (not loaded)")
+    return _split_federation(train, held_out, split)
 
 
 def data_for(cfg: ExperimentConfig) -> FederationData:
-    return federation_data(
-        cfg.dataset,
-        cfg.eval_fraction,
-        cfg.num_clients,
-        cfg.partition,
-        cfg.dirichlet_alpha,
-        cfg.min_partition_size,
-        cfg.seed,
-        cfg.local_eval_fraction,
-    )
+    return federation_data(Split.of(cfg))
 
 
 def planned_steps(cfg: ExperimentConfig) -> int:
@@ -160,16 +153,5 @@ def plan_federation(cfg: ExperimentConfig, from_label_counts: bool = False) -> l
 
     ``from_label_counts`` plans a hub task from its published label counts, without its data (same sizes).
     """
-    if from_label_counts:
-        data = federation_shape_from_label_counts(
-            cfg.dataset,
-            cfg.num_clients,
-            cfg.partition,
-            cfg.dirichlet_alpha,
-            cfg.min_partition_size,
-            cfg.seed,
-            cfg.local_eval_fraction,
-        )
-    else:
-        data = data_for(cfg)
+    data = federation_shape_from_label_counts(Split.of(cfg)) if from_label_counts else data_for(cfg)
     return [client_plan(cfg, pid, len(part)) for pid, part in enumerate(data.partitions)]

@@ -20,7 +20,7 @@ from fedsvd.cli import main
 from fedsvd.compare import load_comparison, run_dir
 from fedsvd.config import ConfigError, ExperimentConfig
 from fedsvd.data import HUB_TASKS, TextDataset
-from fedsvd.federation import _split_federation, plan_federation
+from fedsvd.federation import Split, _split_federation, plan_federation
 from fedsvd.privacy import epsilon_of
 from fedsvd.report import COMPARISON_JSON, PLOTS, SUMMARY_CSV, SUMMARY_MD, render
 from fedsvd.results import METRICS_JSONL, SUMMARY_JSON
@@ -233,9 +233,7 @@ def test_partition_sizes_depend_only_on_label_counts() -> None:
     shapes = []
     for order in (labels, shuffled):
         data = TextDataset(tuple(f"t{i}" for i in range(len(order))), tuple(order), 3, "counts")
-        federation = _split_federation(
-            data, data, 5, "dirichlet", 0.5, min_partition_size=0, seed=4, local_eval_fraction=0.1
-        )
+        federation = _split_federation(data, data, Split("counts", 0.1, 5, "dirichlet", 0.5, 0, 4, 0.1))
         shapes.append(
             [(len(p), len(e)) for p, e in zip(federation.partitions, federation.local_eval, strict=True)]  # type: ignore[arg-type]
         )
