@@ -21,7 +21,7 @@ from logging import ERROR, INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsvd.federation import ClientPlan
 from fedsvd.methods import ClientUpdate, FederatedLoraMethod
-from fedsvd.methods.base import bound_update_norms
+from fedsvd.methods.base import all_finite, bound_update_norms, change_norms
 from fedsvd.privacy import ServerPrivacyLedger
 from fedsvd.protocol import (
     ARRAYS,
@@ -40,6 +40,7 @@ from fedsvd.protocol import (
     ProtocolError,
     TrainInstruction,
     TrainReply,
+    float32_npy,
     parse_arrays,
 )
 
@@ -321,21 +322,32 @@ class LoraStrategy(FedAvg):
         sent, record = self._round.sent, self._round.record
         expected = self.method.uplink_keys(sent.keys(), server_round)
         shapes = {key: tuple(sent[key].shape) for key in expected}
-        updates: list[ClientUpdate] = []
-        partitions: list[int] = []
-        losses: list[tuple[float, int]] = []
+        readable: list[tuple[int, ClientUpdate, TrainReply, Message]] = []
+        replied: set[int] = set()
         for reply in replies:
             partition = self._partition_of.get(reply.metadata.src_node_id, -1)
             try:
-                if partition not in record.instructed or partition in partitions or partition in record.rejected:
+                if partition not in record.instructed or partition in record.rejected or partition in replied:
                     raise ProtocolError("reply from a node that was not instructed, or a second reply")
                 update, report = self._checked(reply, partition, shapes)
             except ProtocolError as reason:
-                record.rejected[partition] = str(reason)
-                log(ERROR, "round %d: rejected reply from partition %d: %s", server_round, partition, reason)
+                self._reject(record, server_round, partition, str(reason))
+                continue
+            readable.append((partition, update, report, reply))
+            replied.add(partition)
+        # One pass over every upload's values measures its change, and with it finds NaN and infinities.
+        norms = change_norms(sent, [update for _, update, _, _ in readable])
+        updates: list[ClientUpdate] = []
+        partitions: list[int] = []
+        accepted_norms: list[float] = []
+        losses: list[tuple[float, int]] = []
+        for (partition, update, report, reply), norm in zip(readable, norms, strict=True):
+            if not math.isfinite(norm) and (bad := [k for k, v in update.arrays.items() if not all_finite(v)]):
+                self._reject(record, server_round, partition, f"{bad[0]}: non-finite values")
                 continue
             updates.append(update)
             partitions.append(partition)
+            accepted_norms.append(norm)
             record.bytes_up += reply.content[ARRAYS].count_bytes()
             record.privacy[partition] = {
                 "epsilon": report.epsilon,
@@ -357,7 +369,7 @@ class LoraStrategy(FedAvg):
             record.dropped = f"{len(updates)} valid update(s), {self.min_replies} needed"
             log(WARNING, "round %d: %s; the global adapter is unchanged", server_round, record.dropped)
             return None
-        updates, scales = bound_update_norms(sent, updates)
+        updates, scales = bound_update_norms(sent, updates, accepted_norms)
         record.clipped = {p: scale for p, scale in zip(partitions, scales, strict=True) if scale < 1.0}
         for partition, scale in record.clipped.items():
             log(
@@ -368,11 +380,22 @@ class LoraStrategy(FedAvg):
                 scale,
             )
         new_global = self.method.aggregate(sent, updates, server_round)
-        if not all(bool(torch.isfinite(value).all()) for value in new_global.values()):
+        if not all(all_finite(value) for value in new_global.values()):
             record.dropped = "the aggregate is not finite"
             log(ERROR, "round %d: %s; the global adapter is unchanged", server_round, record.dropped)
             return None
-        return ArrayRecord(new_global)
+        # Written straight as .npy bytes: Flower's conversion goes through np.save and a stream, two copies.
+        return ArrayRecord(
+            {
+                key: Array(dtype="float32", shape=tuple(value.shape), stype=SType.NUMPY, data=float32_npy(value))
+                for key, value in new_global.items()
+            }
+        )
+
+    @staticmethod
+    def _reject(record: RoundRecord, server_round: int, partition: int, reason: str) -> None:
+        record.rejected[partition] = reason
+        log(ERROR, "round %d: rejected reply from partition %d: %s", server_round, partition, reason)
 
     def _checked(
         self, reply: Message, partition: int, shapes: Mapping[str, tuple[int, ...]]

@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from clients.app import PRIVACY_STATE_KEY, _continuing_ledger
 from fedsvd.config import ExperimentConfig, resume_conflict
 from fedsvd.federation import ClientPlan
-from fedsvd.methods import build_method
+from fedsvd.methods import METHODS, build_method
 from fedsvd.privacy import RDP_ORDERS, PrivacyLedger, ServerPrivacyLedger
 from fedsvd.protocol import (
     Description,
@@ -47,6 +47,7 @@ from fedsvd.protocol import (
     ProtocolError,
     TrainInstruction,
     TrainReply,
+    float32_npy,
     parse_arrays,
 )
 from fedsvd.results import CheckpointError, ResultsExist, RunRecorder, ServerState, read_metrics, write_progress
@@ -150,7 +151,7 @@ def _global(method: str = "fedsvd") -> dict[str, torch.Tensor]:
         B: torch.zeros(3, 2),
         HEAD: torch.randn(2, 4, generator=generator),
     }
-    if method == "fedex":
+    if build_method(method).merges_into_base:  # FLoRA, FedEx-LoRA
         arrays["m.base_layer.weight"] = torch.randn(3, 4, generator=generator)
     return arrays
 
@@ -250,8 +251,6 @@ VALUES = np.arange(6, dtype=np.float32).reshape(SHAPE)
         (_npy(VALUES)[:-4], "20 bytes of data, expected 24"),
         (_npy(VALUES) + b"\0" * 4, "28 bytes of data, expected 24"),
         (b"not an array at all", "not a readable .npy array"),
-        (_npy(np.array([[1.0, np.nan], [0, 0], [0, 0]], dtype=np.float32)), "non-finite values"),
-        (_npy(np.array([[1.0, -np.inf], [0, 0], [0, 0]], dtype=np.float32)), "non-finite values"),
     ],
 )
 def test_uploaded_arrays_are_read_strictly(data: bytes, reason: str) -> None:
@@ -265,8 +264,63 @@ def test_uploaded_arrays_in_any_valid_layout_read_back_exactly() -> None:
     for array, data in [(VALUES, _npy(VALUES)), (VALUES, _npy(VALUES, version=(2, 0))), (huge, _npy(huge))]:
         tensor = parse_arrays({KEY: data}, {KEY: SHAPE})[KEY]
         assert tensor.dtype == torch.float32 and torch.equal(tensor, torch.from_numpy(array))
-        tensor += 1  # a writable copy: the message's own bytes stay as they were
-        assert data == _npy(array) or data == _npy(array, version=(2, 0))
+
+
+def test_uploads_are_read_without_a_copy_and_written_back_exactly() -> None:
+    data = _npy(VALUES)
+    tensor = parse_arrays({KEY: data}, {KEY: SHAPE})[KEY]
+    # The tensor's values live inside the message's own bytes, right behind the .npy header.
+    assert tensor.untyped_storage().data_ptr() - (data_address := _bytes_address(data)) == len(data) - VALUES.nbytes
+    assert data_address > 0 and float32_npy(tensor) == data
+
+
+def _bytes_address(data: bytes) -> int:
+    return np.frombuffer(data, dtype=np.uint8).__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])
+def test_an_upload_with_non_finite_values_is_rejected_and_the_round_goes_on(bad: float) -> None:
+    strategy = _strategy()
+    honest = _honest(strategy)
+
+    def poisoned(message: Message) -> Message:
+        reply = honest(message)
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        arrays[B][0, 0] = bad
+        reply.content["arrays"] = ArrayRecord(arrays)
+        return reply
+
+    grid = FakeGrid(lambda m: poisoned(m) if m.metadata.dst_node_id == 11 else honest(m))
+    new_arrays, record = strategy.train_round(grid, 1, ArrayRecord(_global()), timeout=WAIT_S)  # type: ignore[arg-type]
+    assert new_arrays is not None and record.clients == [0, 2]
+    assert record.rejected == {1: f"{B}: non-finite values"}
+
+
+def test_a_finite_change_too_large_for_float32_is_scaled_to_nothing() -> None:
+    strategy = _strategy("ffa")
+    honest, huge = _honest(strategy), _honest(strategy, scale=3e38)  # finite values; the change's norm overflows
+    grid = FakeGrid(lambda m: huge(m) if m.metadata.dst_node_id == 10 else honest(m))
+    new_arrays, record = strategy.train_round(grid, 1, ArrayRecord(_global()), timeout=WAIT_S)  # type: ignore[arg-type]
+    assert new_arrays is not None and record.clients == [0, 1, 2] and record.clipped == {0: 0.0}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_no_method_writes_into_the_uploads_it_aggregates(method: str) -> None:
+    # The server's update tensors view the replies' own bytes (no copy): a method writing into them would change
+    # what it reads. Each reply's bytes are copied aside when it is made and compared after the round.
+    strategy = _strategy(method)
+    honest = _honest(strategy)
+    made: list[tuple[Message, dict[str, bytearray]]] = []
+
+    def respond(message: Message) -> Message:
+        reply = honest(message)
+        made.append((reply, {key: bytearray(array.data) for key, array in reply.content["arrays"].items()}))
+        return reply
+
+    new_arrays, record = strategy.train_round(FakeGrid(respond), 1, ArrayRecord(_global(method)), timeout=WAIT_S)  # type: ignore[arg-type]
+    assert new_arrays is not None and record.clients == [0, 1, 2]
+    for reply, copies in made:
+        assert {key: array.data for key, array in reply.content["arrays"].items()} == copies
 
 
 def test_malformed_replies_are_rejected_and_the_round_goes_on() -> None:

@@ -36,7 +36,9 @@ class ClientUpdate:
     Attributes
     ----------
     arrays
-        Only the arrays the client trained, by global key.
+        Only the arrays the client trained, by global key. Read-only: on the server they view the reply's own
+        bytes (copying a round of 30 clients' uploads costs as much as averaging them), so a method computes
+        new tensors and never writes into these.
     num_examples
         The client's number of training examples; sets its weight in the average.
     """
@@ -294,18 +296,39 @@ class FederatedLoraMethod(ABC):
 UPDATE_NORM_BOUND = 10.0
 
 
-def _change_norm(update: ClientUpdate, sent: Mapping[str, torch.Tensor]) -> float:
-    """The norm of an upload's change over all its arrays, one array at a time (a round of 30 clients' changes
-    kept at once would be gigabytes). A change too large for its own dtype counts as infinite: it is then scaled
-    to nothing."""
-    return math.hypot(*(float(torch.linalg.vector_norm(value - sent[key])) for key, value in update.arrays.items()))
+def change_norms(sent: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> list[float]:
+    """The norm of each upload's change (upload minus what was sent, over all its arrays as one vector).
+
+    One pass over the uploads, key by key: the sent array stays in cache while every client's is read, and the
+    difference goes into one scratch buffer per key (a round of 30 clients' changes kept at once would be
+    gigabytes). NaN or infinity in an upload makes its norm non-finite, and so does a change too large for its
+    dtype: the caller tells the two apart (``all_finite``) and scales such a change to nothing.
+    """
+    squares = [0.0] * len(updates)
+    for key in updates[0].arrays if updates else ():
+        scratch = torch.empty_like(sent[key])
+        for index, update in enumerate(updates):
+            torch.sub(update.arrays[key], sent[key], out=scratch)
+            squares[index] += float(torch.linalg.vector_norm(scratch)) ** 2
+    return [math.sqrt(square) for square in squares]
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. NaN and infinities make the sum non-finite, so a finite sum (one fast pass)
+    settles it; only a non-finite one, which may also be an overflow of large finite values, is checked value by
+    value."""
+    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def bound_update_norms(
-    sent: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], factor: float = UPDATE_NORM_BOUND
+    sent: Mapping[str, torch.Tensor],
+    updates: Sequence[ClientUpdate],
+    norms: Sequence[float],
+    factor: float = UPDATE_NORM_BOUND,
 ) -> tuple[list[ClientUpdate], list[float]]:
-    """Scale every client's change (upload minus what it was sent, over all its arrays as one vector) down to at
-    most ``factor`` times the lower median of the round's change norms.
+    """Scale every client's change (upload minus what it was sent, over all its arrays as one vector; its norm
+    from ``change_norms``) down to at most ``factor`` times the lower median of the round's change norms. An
+    infinite norm (a change too large for its dtype) is scaled to nothing.
 
     The lower median stays an honest client's norm while fewer than half of the clients are outliers (with two
     clients: the smaller one). A single client is never scaled: there is nothing to compare it with.
@@ -316,7 +339,6 @@ def bound_update_norms(
     """
     if len(updates) < 2:
         return list(updates), [1.0] * len(updates)
-    norms = [_change_norm(update, sent) for update in updates]
     bound = factor * sorted(norms)[(len(norms) - 1) // 2]
     bounded, scales = [], []
     for update, norm in zip(updates, norms, strict=True):
