@@ -11,6 +11,7 @@ Usage: python bench/planning.py
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 
@@ -51,11 +52,13 @@ def plan_seconds(cfg: ExperimentConfig) -> float:
     return seconds(lambda: federation.plan_federation(cfg))
 
 
-def planning_ratio() -> str:
+def planning_ratio(repeats: int = 3) -> str:
     small = ExperimentConfig(num_clients=10, rounds=2, batch_size=4)
     large = small.replace(num_clients=1000, min_partition_size=4)
     plan_seconds(small)  # warm-up: the corpus is read from disk once
-    small_s, large_s = plan_seconds(small), plan_seconds(large)
+    # Medians of alternating runs, so that load on a shared machine hits both alike.
+    times = [(plan_seconds(small), plan_seconds(large)) for _ in range(repeats)]
+    small_s, large_s = (statistics.median(column) for column in zip(*times, strict=True))
     sizes = sorted(plan.num_examples for plan in federation.plan_federation(large))
     ratio = large_s / small_s
     return (

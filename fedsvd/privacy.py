@@ -39,7 +39,7 @@ from scipy import special
 # orders are the ones Google's dp-accounting also uses.
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128, 256, 512, 1024]
 # A fractional order's series is summed until its terms fall below exp(-30), as Mironov et al. (2019) and
-# Opacus do; it is evaluated in blocks of this many terms.
+# Opacus do; its first block of terms has this many (the next ones twice as many as the one before).
 _SERIES_BLOCK = 64
 _SERIES_CUTOFF = -30.0
 
@@ -323,36 +323,66 @@ def rdp_per_step(sigma: float, sample_rate: float) -> np.ndarray:
     """RDP of one step of the Poisson-sampled Gaussian mechanism at every order of ``RDP_ORDERS`` (read-only).
 
     The formulas are those of Mironov, Talwar & Zhang (2019), section 3.3, as in Opacus and dp-accounting:
-    a binomial sum for integer orders, two series with erfc weights for fractional ones.
+    a binomial sum for integer orders, two series with erfc weights for fractional ones. Each is evaluated for
+    all its orders at once, as one array of (order, term): a calibration evaluates this a few dozen times.
     """
     if sample_rate == 0:
         rdp = np.zeros(len(RDP_ORDERS))
     elif sigma == 0:
         rdp = np.full(len(RDP_ORDERS), np.inf)
     elif sample_rate == 1:
-        rdp = np.asarray(RDP_ORDERS, dtype=float) / (2 * sigma**2)
+        rdp = _ORDERS / (2 * sigma**2)
     else:
-        rdp = np.array([_log_a(sample_rate, sigma, order) / (order - 1) for order in RDP_ORDERS])
+        log_a = np.empty(len(RDP_ORDERS))
+        log_a[_INTEGER] = _log_a_integer(sample_rate, sigma, _ORDERS[_INTEGER])
+        log_a[~_INTEGER] = _log_a_fractional(sample_rate, sigma, _ORDERS[~_INTEGER])
+        rdp = log_a / (_ORDERS - 1)
     rdp.setflags(write=False)
     return rdp
 
 
-def _log_a(q: float, sigma: float, order: float) -> float:
-    """log A_alpha of the sampled Gaussian mechanism, for 0 < q < 1."""
-    if float(order).is_integer():
-        alpha = int(order)
-        i = np.arange(alpha + 1, dtype=float)
+_ORDERS = np.asarray(RDP_ORDERS, dtype=float)
+_INTEGER = np.equal(np.round(_ORDERS), _ORDERS)
+
+
+def _log_a_integer(q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
+    """log A_alpha for integer orders alpha (0 < q < 1): log of sum_i binom(alpha, i) q^i (1 - q)^(alpha - i)
+    exp((i^2 - i) / (2 sigma^2)), one row per order."""
+    log_binomial = _integer_log_binomials()
+    i = np.arange(log_binomial.shape[1], dtype=float)
+    alpha = orders[:, None]
+    terms = log_binomial + i * math.log(q) + (alpha - i) * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
+    return _signed_log_sum_exp(terms, np.ones_like(terms))
+
+
+@functools.cache
+def _integer_log_binomials() -> np.ndarray:
+    """log binom(alpha, i) for every integer order alpha (rows) and i up to the largest order, -inf past alpha."""
+    alpha = _ORDERS[_INTEGER][:, None]
+    i = np.arange(int(alpha.max()) + 1, dtype=float)[None, :]
+    with np.errstate(invalid="ignore"):  # gammaln of a negative integer past alpha; masked out
         log_binomial = special.gammaln(alpha + 1) - special.gammaln(i + 1) - special.gammaln(alpha - i + 1)
-        terms = log_binomial + i * math.log(q) + (alpha - i) * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
-        return _log_sum_exp(terms, np.ones_like(terms))
+    log_binomial = np.where(i <= alpha, log_binomial, -np.inf)
+    log_binomial.setflags(write=False)
+    return log_binomial
+
+
+def _log_a_fractional(q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
+    """log A_alpha for fractional orders (0 < q < 1): two series with signed binomial coefficients, each summed
+    until its terms fall below exp(_SERIES_CUTOFF), the first such term included (as Opacus does). The terms
+    come in blocks, each twice as long as the one before, for the orders whose series is still open (at a large
+    q and a small sigma the low orders need thousands of terms, the high ones a few dozen), and are summed as
+    they come."""
     z0 = sigma**2 * math.log(1 / q - 1) + 0.5
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    start = 0
-    while True:
-        i = np.arange(start, start + _SERIES_BLOCK, dtype=float)
-        j = order - i
-        coefficient = special.binom(order, i)
-        log_coefficient = np.log(np.abs(coefficient))
+    sums = [_RunningLogSum(len(orders)), _RunningLogSum(len(orders))]
+    rows = np.arange(len(orders))  # the orders whose series is still open
+    start, length = 0, _SERIES_BLOCK
+    while rows.size:
+        alpha = orders[rows, None]
+        position = np.arange(length)[None, :]
+        i = (start + position).astype(float)
+        j = alpha - i
+        sign, log_coefficient = (array[rows] for array in _fractional_log_binomials(start, length))
         log_s0 = (
             log_coefficient + i * math.log(q) + j * math.log1p(-q) + (i * i - i) / (2 * sigma**2)
             + special.log_ndtr((z0 - i) / sigma)
@@ -361,22 +391,53 @@ def _log_a(q: float, sigma: float, order: float) -> float:
             log_coefficient + j * math.log(q) + i * math.log1p(-q) + (j * j - j) / (2 * sigma**2)
             + special.log_ndtr((j - z0) / sigma)
         )  # fmt: skip
-        small = np.flatnonzero(np.maximum(log_s0, log_s1) < _SERIES_CUTOFF)
-        end = small[0] + 1 if small.size else _SERIES_BLOCK  # the first small term is the series' last
-        parts.append((np.sign(coefficient[:end]), log_s0[:end], log_s1[:end]))
-        if small.size:
-            break
-        start += _SERIES_BLOCK
-    signs, log_s0, log_s1 = (np.concatenate(column) for column in zip(*parts, strict=True))
-    return float(np.logaddexp(_log_sum_exp(log_s0, signs), _log_sum_exp(log_s1, signs)))
+        small = np.maximum(log_s0, log_s1) < _SERIES_CUTOFF
+        ends_here = small.any(axis=1)
+        last = np.where(ends_here, small.argmax(axis=1), length)  # the first small term is the series' last
+        kept = position <= last[:, None]
+        for running, log_terms in zip(sums, (log_s0, log_s1), strict=True):
+            running.add(rows, np.where(kept, log_terms, -np.inf), sign)
+        rows = rows[~ends_here]
+        start, length = start + length, 2 * length
+    return np.logaddexp(sums[0].value(), sums[1].value())
 
 
-def _log_sum_exp(log_terms: np.ndarray, signs: np.ndarray) -> float:
-    """log(sum(signs * exp(log_terms))) for a positive sum, without overflow."""
-    peak = float(np.max(log_terms))
-    if peak == -math.inf:
-        return -math.inf
-    return peak + math.log(float(np.sum(signs * np.exp(log_terms - peak))))
+class _RunningLogSum:
+    """Per row, log(sum(signs * exp(terms))) over blocks of terms added as they come, without overflow: the sum
+    is kept relative to the largest term so far and rescaled when a larger one arrives."""
+
+    def __init__(self, rows: int) -> None:
+        self.peak = np.full(rows, -np.inf)
+        self.scaled = np.zeros(rows)
+
+    def add(self, rows: np.ndarray, log_terms: np.ndarray, signs: np.ndarray) -> None:
+        peak = np.maximum(self.peak[rows], log_terms.max(axis=1))
+        rescale = np.exp(self.peak[rows] - peak)
+        self.scaled[rows] = self.scaled[rows] * rescale + np.sum(signs * np.exp(log_terms - peak[:, None]), axis=1)
+        self.peak[rows] = peak
+
+    def value(self) -> np.ndarray:
+        return self.peak + np.log(self.scaled)
+
+
+@functools.cache
+def _fractional_log_binomials(start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sign and log |binom(alpha, i)| for every fractional order alpha (rows) and the ``length`` terms i from
+    ``start``; they depend on neither q nor sigma."""
+    alpha = _ORDERS[~_INTEGER][:, None]
+    coefficient = special.binom(alpha, np.arange(start, start + length, dtype=float)[None, :])
+    with np.errstate(divide="ignore"):  # a coefficient that underflows to 0 is a term of exp(-inf)
+        log_coefficient = np.log(np.abs(coefficient))
+    sign = np.sign(coefficient)
+    for array in (sign, log_coefficient):
+        array.setflags(write=False)
+    return sign, log_coefficient
+
+
+def _signed_log_sum_exp(log_terms: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """Row by row, log(sum(signs * exp(log_terms))) for positive sums, without overflow."""
+    peak = log_terms.max(axis=1, keepdims=True)
+    return peak[:, 0] + np.log(np.sum(signs * np.exp(log_terms - peak), axis=1))
 
 
 def _opacus_epsilon(events: list[PrivacyEvent], delta: float, accountant: str, **options: object) -> float:

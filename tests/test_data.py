@@ -17,6 +17,7 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
+from flwr_datasets.partitioner import DirichletPartitioner
 from transformers import BertTokenizerFast
 
 from fedsvd.data import (
@@ -38,6 +39,7 @@ from fedsvd.data import (
     tokens,
     truncation_share,
 )
+from fedsvd.data.splits import _dirichlet_partition, _partition
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
@@ -694,6 +696,19 @@ def test_dirichlet_terminates_on_small_data(alpha: float) -> None:
     labels = balanced_labels(60)
     for seed in range(5):
         assert_exact_cover(partition_indices(labels, 3, "dirichlet", alpha, seed=seed), 60, 3)
+
+
+@pytest.mark.parametrize(("alpha", "seed"), [(0.5, 0), (0.1, 3), (5.0, 7)])
+def test_the_dirichlet_draw_read_from_the_partitioner_is_what_load_partition_gives(alpha: float, seed: int) -> None:
+    labels = balanced_labels(600, num_labels=3)
+    table = datasets.Dataset.from_dict({"label": labels, "index": list(range(len(labels)))})
+
+    def partitioner() -> DirichletPartitioner:
+        return DirichletPartitioner(20, partition_by="label", alpha=alpha, seed=seed, min_partition_size=0)
+
+    read = _dirichlet_partition(partitioner(), table)
+    assert read == _partition(partitioner(), table, 20)
+    assert len(set(map(len, read))) > 1, "a skewed draw: partitions of different sizes"
 
 
 def test_dirichlet_aims_for_a_few_dozen_per_client() -> None:
