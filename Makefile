@@ -31,12 +31,14 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Ratios measured side by side in one run each: DP step, server step, planning, 1,000 clients against 10.
+# Ratios measured side by side in one run each: DP step, server step, planning, 1,000 clients against 10, and a
+# simulated round against the same round in one plain process.
 bench: setup
 	$(BIN)/python bench/dp_step.py
 	$(BIN)/python bench/server_step.py
 	$(BIN)/python bench/planning.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/harness.py
 
 # CUDA step times, FedSVD's server step and clients sharing one GPU; one line and exit 0 without a GPU.
 # No venv is made for it: on a GPU machine the CPU-only torch pinned above would replace the CUDA one, so it
