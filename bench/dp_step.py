@@ -20,7 +20,7 @@ from clients.trainer import DpSgdSettings, train_local
 from fedsvd.data import held_out_split, load_texts, subset, tokenize
 from fedsvd.methods.fedsvd import refactorize
 from fedsvd.model import build_lora_model, load_tokenizer, set_trainable, shared_parameters
-from fedsvd.privacy import PrivacyLedger
+from fedsvd.privacy.record_level import PrivacyLedger
 
 REPEATS = 5
 BATCH = 32

@@ -1,7 +1,7 @@
 """Planning a federation, as ratios measured side by side in one run.
 
 1. One RDP evaluation of the sampled Gaussian mechanism at all of fedsvd's orders: Opacus's term-by-term sums
-   against fedsvd's vectorised ones (``fedsvd.privacy.rdp_per_step``), which every calibration step, budget
+   against fedsvd's vectorised ones (``fedsvd.accounting.rdp_per_step``), which every calibration step, budget
    check and privacy report goes through.
 2. The whole plan (split, partitions, every client's noise calibration) of 1,000 Dirichlet(0.5) clients on the
    default data against 10 clients. Target: at most 2x.
@@ -17,8 +17,9 @@ import warnings
 
 from opacus.accountants.analysis.rdp import compute_rdp
 
-from fedsvd import federation, privacy
+from fedsvd import federation
 from fedsvd.config import ExperimentConfig
+from fedsvd.privacy import accounting, calibration
 
 
 def seconds(run: object, repeats: int = 1) -> float:
@@ -33,12 +34,12 @@ def rdp_ratio() -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opacus_s = seconds(
-            lambda: [compute_rdp(q=0.01, noise_multiplier=s, steps=1, orders=privacy.RDP_ORDERS) for s in sigmas]
+            lambda: [compute_rdp(q=0.01, noise_multiplier=s, steps=1, orders=accounting.RDP_ORDERS) for s in sigmas]
         )
-        privacy.rdp_per_step.cache_clear()
-        ours_s = seconds(lambda: [privacy.rdp_per_step(s, 0.01) for s in sigmas])
+        accounting.rdp_per_step.cache_clear()
+        ours_s = seconds(lambda: [accounting.rdp_per_step(s, 0.01) for s in sigmas])
     return (
-        f"RDP at {len(privacy.RDP_ORDERS)} orders, Opacus / fedsvd: {opacus_s / len(sigmas) * 1e3:.1f} ms / "
+        f"RDP at {len(accounting.RDP_ORDERS)} orders, Opacus / fedsvd: {opacus_s / len(sigmas) * 1e3:.1f} ms / "
         f"{ours_s / len(sigmas) * 1e3:.1f} ms = {opacus_s / ours_s:.0f}x"
     )
 
@@ -47,8 +48,8 @@ def plan_seconds(cfg: ExperimentConfig) -> float:
     # Nothing cached from an earlier plan: each measurement loads, splits and calibrates from scratch.
     federation.federation_data.cache_clear()
     federation.client_plan.cache_clear()
-    privacy.calibrate_noise_multiplier.cache_clear()
-    privacy.rdp_per_step.cache_clear()
+    calibration.calibrate_noise_multiplier.cache_clear()
+    accounting.rdp_per_step.cache_clear()
     return seconds(lambda: federation.plan_federation(cfg))
 
 

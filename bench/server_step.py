@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedsvd.federation import ClientPlan
 from fedsvd.methods import ClientUpdate, build_method
-from fedsvd.privacy import ServerPrivacyLedger
+from fedsvd.privacy.record_level import ServerPrivacyLedger
 from fedsvd.protocol import ARRAYS, METRICS, TrainReply
 from server.strategy import LoraStrategy
 

@@ -34,7 +34,8 @@ from fedsvd.model import (
     set_arrays,
     set_trainable,
 )
-from fedsvd.privacy import PrivacyLedger, epsilon_of, sample_rate_for
+from fedsvd.privacy.budget import within_budget
+from fedsvd.privacy.record_level import PrivacyLedger, sample_rate_for
 from fedsvd.protocol import (
     ARRAYS,
     CONFIG,
@@ -141,8 +142,8 @@ def train(msg: Message, context: Context) -> Message:
     ledger = _continuing_ledger(context, cfg, instruction, partition_id)
     if cfg.dp:
         # Defence in depth: the server should never ask this, but the client's own ledger has the last word.
-        next_round = [*ledger.history, (instruction.noise_multiplier, instruction.sample_rate, cfg.local_steps)]
-        if epsilon_of(next_round, cfg.delta, cfg.accountant) > cfg.epsilon:
+        next_round = (instruction.noise_multiplier, instruction.sample_rate, cfg.local_steps)
+        if not within_budget(ledger.history, next_round, cfg.delta, cfg.accountant, cfg.epsilon):
             raise RuntimeError(
                 f"client {partition_id} refuses to train: another round would exceed its epsilon budget {cfg.epsilon:g}"
             )

@@ -18,7 +18,7 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
 from fedsvd.model import trim_padding
-from fedsvd.privacy import PrivacyLedger
+from fedsvd.privacy.record_level import PrivacyLedger
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,12 @@ from transformers import PreTrainedTokenizerBase
 from fedsvd.compare import Comparison, load_comparison, run_dir
 from fedsvd.config import ConfigError, ExperimentConfig, load_config, ray_host_port, read_toml, resume_conflict
 from fedsvd.data import HUB_TASKS, DataError, truncation_share
-from fedsvd.federation import ClientPlan, data_for, plan_federation
+from fedsvd.federation import ClientPlan, client_level_plan, data_for, plan_federation
 from fedsvd.model import ModelError, check_model, tokenizer_for
-from fedsvd.privacy import PrivacyConfigError, check_batch_size, epsilon_of
+from fedsvd.privacy.accountants import PrivacyConfigError
+from fedsvd.privacy.accounting import epsilon_of
+from fedsvd.privacy.client_level import ClientLevelPlan
+from fedsvd.privacy.record_level import check_batch_size
 from fedsvd.results import (
     ADAPTER_FILE,
     CHECKPOINT_FILE,
@@ -281,6 +284,8 @@ def command_run(args: argparse.Namespace) -> int:
                 f"planned steps, clip {cfg.clip_norm:g}, noise multipliers: "
                 + _values([plan.noise_multiplier for plan in plans], "{:.2f}")
             )
+        if (client_level := client_level_plan(cfg)) is not None:
+            print(_client_level_line(cfg, client_level))
         print(_truncation_line(cfg, tokenizer))
     except USER_ERRORS as err:
         return _fail(str(err))
@@ -434,6 +439,19 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_level_line(cfg: ExperimentConfig, plan: ClientLevelPlan) -> str:
+    sampling = (
+        f"Poisson sampling at q = {plan.sample_rate:g} (with amplification)"
+        if cfg.client_sampling == "poisson"
+        else f"{cfg.clients_per_round} clients per round (fixed; accounted without amplification)"
+    )
+    return (
+        f"client-level DP: target eps {cfg.client_epsilon:g} at delta {cfg.client_delta:g} over {plan.rounds} "
+        f"rounds, {sampling}, update clip {plan.clip_norm:g}, noise multiplier {plan.noise_multiplier:.3f} "
+        f"(std {plan.noise_std:.3g} on the average over {plan.denominator:g})"
+    )
+
+
 def _projected_epsilons(cfg: ExperimentConfig, plan: ClientPlan, checkpoints: Sequence[int]) -> list[float]:
     """Cumulative epsilon after each checkpoint round, if the client trains as often as its noise was planned
     for (every round, or rounds x fraction of them under 'expected' planning)."""
@@ -464,6 +482,7 @@ def print_plan(cfg: ExperimentConfig, title: str) -> None:
         except ModelError as err:
             note = f"note: truncation by max_length not counted: {err}"
     _check_batch_size(cfg, plans)
+    client_level = client_level_plan(cfg)
     checkpoints = sorted({max(1, math.ceil(cfg.rounds * tenth / 10)) for tenth in range(1, 11)})
     print(
         f"{title}: {cfg.dataset}, {cfg.num_clients} clients ({_partition_description(cfg)}), "
@@ -478,6 +497,14 @@ def print_plan(cfg: ExperimentConfig, title: str) -> None:
             f"DP-SGD: target eps {cfg.epsilon:g} at delta {cfg.delta:g} ({cfg.accountant}), clip {cfg.clip_norm:g}, "
             f"noise planned for {plans[0].planned_steps} steps ({cfg.planned_participation})"
         )
+    if client_level is not None:
+        print(_client_level_line(cfg, client_level))
+        projected = [
+            epsilon_of([(client_level.noise_multiplier, client_level.sample_rate, r)], cfg.client_delta, cfg.accountant)
+            for r in checkpoints
+        ]
+        after = ", ".join(f"{r}: {eps:.3f}" for r, eps in zip(checkpoints, projected, strict=True))
+        print(f"client-level eps after round {after}")
     header = f"{'client':>6} {'examples':>9} {'rate q':>8} {'sigma':>7} {'steps':>6} | eps after round:"
     print(header + "".join(f" {r:>6}" for r in checkpoints))
     for plan in plans:

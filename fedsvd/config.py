@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsvd.methods import METHODS
+from fedsvd.privacy.accountants import ACCOUNTANTS, REFUSED_ACCOUNTANTS, accountant_refusal
 
 ConfigValue = bool | int | float | str
 
@@ -27,12 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PARTITION_SCHEMES = ("dirichlet", "iid")
 POOLINGS = ("mean", "model")
 PARTICIPATION_PLANS = ("every_round", "expected")
-ACCOUNTANTS = ("rdp", "prv")  # the same as fedsvd.privacy.ACCOUNTANTS (a test keeps them equal)
-# Accountants Opacus offers that a run must not use, and why (the same as fedsvd.privacy.REFUSED_ACCOUNTANTS).
-REFUSED_ACCOUNTANTS = {
-    "gdp": "Opacus's GDP accountant is a CLT approximation that under-reports epsilon at small sample rates; "
-    "use 'rdp' or 'prv'",
-}
+CLIENT_SAMPLING = ("fixed", "poisson")
 DEFAULT_MODEL = "minilm"
 # Rounds in a row that may fall short of min_replies before the run stops.
 MAX_SHORT_ROUNDS = 3
@@ -72,7 +68,7 @@ def _one_of(*allowed: str):
 def _accountant(value: str) -> bool:
     """An accountant this project computes with; a refused one gets its own reason, not the list of choices."""
     if value in REFUSED_ACCOUNTANTS:
-        raise ConfigError(f"accountant = {value!r} is not allowed: {REFUSED_ACCOUNTANTS[value]}")
+        raise ConfigError(str(accountant_refusal(value)))
     return value in ACCOUNTANTS
 
 
@@ -175,7 +171,33 @@ class ExperimentConfig:
         _one_of(*PARTICIPATION_PLANS),
     )
     clip_norm: float = _key(2.0, "per-sample gradient clipping norm C", _positive, "> 0")
-    accountant: str = _key("rdp", "privacy accountant", _accountant)
+    accountant: str = _key("rdp", "privacy accountant (record-level and client-level)", _accountant)
+    # Client-level differential privacy: a guarantee about each whole client (README: Privacy).
+    client_dp: bool = _key(
+        False,
+        "client-level DP: clip each client's update and noise their average before the method's server step",
+    )
+    client_clip_norm: float = _key(
+        0.1, "client-level DP: norm C a client's update (all its uploaded arrays as one vector) is clipped to",
+        _positive, "> 0",
+    )  # fmt: skip
+    client_epsilon: float = _key(
+        8.0, "client-level DP: target epsilon of the federation over the whole run", _positive, "> 0"
+    )
+    client_delta: float = _key(1e-3, "client-level DP: target delta (must be below 1 / num_clients)", None, "in (0, 1)")
+    client_noise_multiplier: float = _key(
+        0.0,
+        "client-level DP: noise multiplier sigma of the average (0 = calibrated so that the planned rounds spend "
+        "client_epsilon)",
+        _non_negative,
+        ">= 0",
+    )
+    client_sampling: str = _key(
+        "fixed",
+        "how each round's clients are drawn: 'fixed' (clients_per_round of them; client-level DP accounted "
+        "without amplification) or 'poisson' (each client with probability fraction; accounted with it)",
+        _one_of(*CLIENT_SAMPLING),
+    )
     # Execution.
     seed: int = _key(
         0, "seed for data split, partitions, client sampling, LoRA init and DP noise", _seed, f"in [0, {MAX_SEED}]"
@@ -240,6 +262,15 @@ class ExperimentConfig:
             f"<= {self.clients_per_round}, the clients sampled per round (every round would fall short)",
         )
         _require(0 < self.delta < 1, "delta", self.delta, "in (0, 1)")
+        if self.client_dp:
+            if (refusal := METHODS[self.method].client_level_refusal) is not None:
+                raise ConfigError(f"method = {self.method!r} is not allowed with client_dp = true: {refusal}")
+            _require(
+                0 < self.client_delta < 1 / self.num_clients,
+                "client_delta",
+                self.client_delta,
+                f"in (0, 1 / num_clients = {1 / self.num_clients:.3g}) with client_dp = true",
+            )
         _require(0 <= self.client_gpus <= 1, "client_gpus", self.client_gpus, "in [0, 1]")
         _require(bool(self.targets), "lora_targets", self.lora_targets, "a non-empty list of module names")
         _require(bool(self.model.strip()), "model", self.model, "a model name or path")

@@ -14,7 +14,9 @@ import numpy as np
 
 from fedsvd.config import ExperimentConfig
 from fedsvd.data import HUB_TASKS, TextDataset, held_out_split, load_texts, partition_indices, subset
-from fedsvd.privacy import calibrate_noise_multiplier, check_delta, sample_rate_for
+from fedsvd.privacy.calibration import calibrate_noise_multiplier
+from fedsvd.privacy.client_level import ClientLevelPlan, plan_client_level
+from fedsvd.privacy.record_level import check_delta, sample_rate_for
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,27 @@ def client_plan(cfg: ExperimentConfig, partition_id: int, num_examples: int) -> 
         check_delta(cfg.delta, num_examples, f"client {partition_id}")
         noise = calibrate_noise_multiplier(cfg.epsilon, cfg.delta, sample_rate, steps, cfg.accountant)
     return ClientPlan(partition_id, num_examples, sample_rate, noise, steps)
+
+
+def client_level_plan(cfg: ExperimentConfig, noise_multiplier: float | None = None) -> ClientLevelPlan | None:
+    """The federation's client-level DP mechanism (None without ``client_dp``): the denominator is the cohort
+    under fixed-size sampling and its expectation, fraction x num_clients, under Poisson sampling. The noise
+    multiplier is ``noise_multiplier`` (a resumed run keeps the one it started with), else the config's, else
+    calibrated for the planned rounds."""
+    if not cfg.client_dp:
+        return None
+    poisson = cfg.client_sampling == "poisson"
+    return plan_client_level(
+        num_clients=cfg.num_clients,
+        sampling=cfg.client_sampling,
+        cohort=cfg.fraction * cfg.num_clients if poisson else cfg.clients_per_round,
+        clip_norm=cfg.client_clip_norm,
+        rounds=cfg.rounds,
+        noise_multiplier=(noise := noise_multiplier or cfg.client_noise_multiplier or None),
+        target_epsilon=None if noise else cfg.client_epsilon,
+        delta=cfg.client_delta,
+        accountant=cfg.accountant,
+    )
 
 
 def plan_federation(cfg: ExperimentConfig, from_label_counts: bool = False) -> list[ClientPlan]:

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,6 +46,7 @@ CSV_COLUMNS = (
     "local_accuracy",
     "epsilon_max",
     "epsilon_mean",
+    "client_epsilon",
     "num_trained",
     "train_loss",
     "bytes_up",
@@ -78,7 +79,8 @@ def progress_line(row: Mapping[str, Any]) -> str:
         f"round {row['round']:>3} | acc{accuracy} | "
         + (f"local acc {local:.4f} | " if local is not None else "")
         + f"loss{loss} | eps max {row['epsilon_max']:6.3f} mean {row['epsilon_mean']:6.3f} | "
-        f"clients {trained:<12} | {row['seconds']:6.1f}s"
+        + (f"client eps {client:6.3f} | " if (client := row.get("client_epsilon")) is not None else "")
+        + f"clients {trained:<12} | {row['seconds']:6.1f}s"
         + (f" | failed {','.join(row['rejected'])}" if row.get("rejected") else "")
         + (" | round dropped" if row.get("dropped") else "")
     )
@@ -208,6 +210,9 @@ class ServerState:
     short_rounds: int  # consecutive rounds that were dropped, up to this one
     wall_seconds: float  # time spent by every attempt so far
     config: dict[str, Any]  # the run's resolved config
+    # Client-level DP: the rounds charged so far and the noise multiplier planned when the run started.
+    client_level_rounds: list[int] = field(default_factory=list)
+    client_level_noise: float = 0.0
 
     VERSION: ClassVar[int] = 1
 
@@ -241,10 +246,14 @@ class ServerState:
                 short_rounds=int(fields["short_rounds"]),
                 wall_seconds=float(fields["wall_seconds"]),
                 config=dict(fields["config"]),
+                client_level_rounds=[int(r) for r in fields.get("client_level_rounds", [])],
+                client_level_noise=float(fields.get("client_level_noise", 0.0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{path} is incomplete: {type(err).__name__} {err}") from None
         late = [p for p, rounds in state.privacy_rounds.items() if any(r > state.completed_round for r in rounds)]
         if late:
             raise CheckpointError(f"{path} charges clients {late} for rounds after its own round")
+        if any(r > state.completed_round for r in state.client_level_rounds):
+            raise CheckpointError(f"{path} charges client-level rounds after its own round")
         return state

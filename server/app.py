@@ -28,10 +28,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsvd.config import MAX_SHORT_ROUNDS, RESUMABLE_KEYS, ExperimentConfig, resume_conflict
 from fedsvd.data import tokenize
-from fedsvd.federation import ClientPlan, FederationData, client_plan, data_for
+from fedsvd.federation import ClientPlan, FederationData, client_level_plan, client_plan, data_for
 from fedsvd.methods import FederatedLoraMethod, build_method
 from fedsvd.model import build_lora_model, evaluate, get_arrays, load_tokenizer, resolve_device, set_arrays
-from fedsvd.privacy import ServerPrivacyLedger
+from fedsvd.privacy.client_level import ClientLevelLedger
+from fedsvd.privacy.record_level import ServerPrivacyLedger
 from fedsvd.protocol import CONFIG, METRICS, Description, ProtocolError
 from fedsvd.results import (
     RESTART_FILE,
@@ -153,6 +154,7 @@ class RoundRecorder:
     results: RunRecorder
     method: FederatedLoraMethod
     ledger: ServerPrivacyLedger | None
+    client_level: ClientLevelLedger | None
     state: ServerState
     last_time: float = field(default_factory=time.monotonic)
 
@@ -179,6 +181,7 @@ class RoundRecorder:
             "local_loss": trained.local_loss if trained else None,
             "epsilon_max": max(epsilon.values(), default=0.0),
             "epsilon_mean": sum(epsilon.values()) / self.cfg.num_clients,
+            "client_epsilon": self.client_level.epsilon() if self.client_level is not None else None,
             "num_trained": len(trained.clients) if trained else 0,
             "clients": trained.clients if trained else [],
             "train_loss": trained.train_loss if trained else None,
@@ -212,7 +215,13 @@ class RoundRecorder:
         self.results.save_adapter(tensors, adapter_metadata(self.cfg, self.method))
         if self.ledger is not None:
             self.state.privacy_rounds = {p: list(rounds) for p, rounds in self.ledger.rounds.items()}
-            self.results.write_privacy(self.ledger.report())
+        if self.client_level is not None:
+            self.state.client_level_rounds = list(self.client_level.rounds)
+        if self.ledger is not None or self.client_level is not None:
+            report = self.ledger.report() if self.ledger is not None else {}
+            if self.client_level is not None:
+                report["client_level"] = self.client_level.report()
+            self.results.write_privacy(report)
         self.state.save(self.results.out_dir)  # last: a checkpoint never runs ahead of the other files
         return row
 
@@ -320,6 +329,9 @@ class Federation:
                 "epsilon_max": max(state.epsilon.values(), default=0.0),
                 "epsilon_target": self.cfg.epsilon if self.cfg.dp else None,
                 "delta": self.cfg.delta if self.cfg.dp else None,
+                "client_epsilon": self.recorder.client_level.epsilon() if self.recorder.client_level else None,
+                "client_epsilon_target": self.cfg.client_epsilon if self.cfg.client_dp else None,
+                "client_delta": self.cfg.client_delta if self.cfg.client_dp else None,
                 "majority_accuracy": majority_accuracy(self.data.held_out.labels),
                 "wall_seconds": state.wall_seconds,
             }
@@ -376,6 +388,11 @@ def set_up(grid: Grid, cfg: ExperimentConfig) -> Federation:
         ledger = ServerPrivacyLedger(cfg.accountant, cfg.delta, cfg.local_steps, planned)
         if stored is not None:
             ledger.rounds = {p: list(rounds) for p, rounds in stored.privacy_rounds.items()}
+    client_level = None
+    if (plan := client_level_plan(cfg, stored.client_level_noise if stored is not None else None)) is not None:
+        client_level = ClientLevelLedger(plan, cfg.client_delta, cfg.accountant, cfg.client_epsilon)
+        if stored is not None:
+            client_level.rounds = list(stored.client_level_rounds)
     strategy = LoraStrategy(
         method=method,
         nodes={p: found[p][0] for p in plans},
@@ -389,6 +406,8 @@ def set_up(grid: Grid, cfg: ExperimentConfig) -> Federation:
         ledger=ledger,
         # Without a budget check 'every_round' planning cannot overspend; 'expected' planning relies on it.
         target_epsilon=cfg.epsilon if cfg.dp else None,
+        poisson_rate=cfg.fraction if cfg.client_sampling == "poisson" else None,
+        client_level=client_level,
         local_eval=cfg.local_eval_fraction > 0,
         progress=progress,
     )
@@ -404,13 +423,14 @@ def set_up(grid: Grid, cfg: ExperimentConfig) -> Federation:
             short_rounds=0,
             wall_seconds=0.0,
             config=cfg.to_flat(),
+            client_level_noise=client_level.plan.noise_multiplier if client_level is not None else 0.0,
         )
     else:
         arrays = ArrayRecord(stored.arrays)
         state = stored
         state.config = {**stored.config, **{k: v for k, v in cfg.to_flat().items() if k in RESUMABLE_KEYS}}
         log(INFO, "fedsvd: resuming after round %d", stored.completed_round)
-    recorder = RoundRecorder(cfg, results, method, ledger, state)
+    recorder = RoundRecorder(cfg, results, method, ledger, client_level, state)
     return Federation(cfg, grid, data, strategy, recorder, model, held_out, device, arrays, stored is not None)
 
 

@@ -31,7 +31,8 @@ from flwr.serverapp.strategy import FedAvg
 from fedsvd.federation import ClientPlan
 from fedsvd.methods import ClientUpdate, FederatedLoraMethod
 from fedsvd.methods.base import all_finite, bound_update_norms, change_norms
-from fedsvd.privacy import ServerPrivacyLedger
+from fedsvd.privacy.client_level import ClientLevelLedger, noise_generator, noised_average
+from fedsvd.privacy.record_level import ServerPrivacyLedger
 from fedsvd.protocol import (
     ARRAYS,
     CONFIG,
@@ -135,7 +136,10 @@ class LoraStrategy(FedAvg):
     num_labels : int
         The federation's class count, sent with every instruction (an owner's file need not hold every class).
     clients_per_round : int
-        How many partitions train in each round.
+        How many partitions train in each round (fixed-size sampling).
+    poisson_rate : float, optional
+        Poisson sampling instead: each partition trains with this probability, independently of the others (a
+        round may have no client).
     seed : int
         Seeds the client sampling sequence (one independent stream per round).
     delta : float
@@ -147,6 +151,11 @@ class LoraStrategy(FedAvg):
         rate disagrees with it is not aggregated. Every client instructed to train is charged for the round.
     target_epsilon : float, optional
         With a ledger: no client is selected for a round that would take it past this epsilon.
+    client_level : ClientLevelLedger, optional
+        Client-level DP: the round's changes are clipped and their noised average is what the method's server
+        step sees (``fedsvd.privacy.client_level``); every round is charged to this ledger, and a round that
+        would take the federation past its target is not started. The median bound on changes is then off: it
+        would let one client change how the others' changes are scaled.
     local_eval : bool
         After each round, every client evaluates the new global adapter on its own held-out slice.
     progress : callable, optional
@@ -167,6 +176,8 @@ class LoraStrategy(FedAvg):
         min_replies: int = 1,
         ledger: ServerPrivacyLedger | None = None,
         target_epsilon: float | None = None,
+        poisson_rate: float | None = None,
+        client_level: ClientLevelLedger | None = None,
         local_eval: bool = False,
         progress: Progress | None = None,
     ) -> None:
@@ -184,6 +195,8 @@ class LoraStrategy(FedAvg):
         self.min_replies = min_replies
         self.ledger = ledger
         self.target_epsilon = target_epsilon
+        self.poisson_rate = poisson_rate
+        self.client_level = client_level
         self.progress = progress
         self._partition_of = {node: partition for partition, node in self.nodes.items()}
         self._round: _RoundInProgress | None = None
@@ -211,8 +224,16 @@ class LoraStrategy(FedAvg):
                 )
         if not eligible:
             raise BudgetExhausted(f"round {server_round}: no client has privacy budget left for another round")
+        if self.client_level is not None and not self.client_level.can_release():
+            raise BudgetExhausted(
+                f"round {server_round} would take the federation's client-level epsilon past its target "
+                f"{self.client_level.target_epsilon:g}"
+            )
         rng = np.random.default_rng([self.seed, server_round])
-        chosen = rng.choice(eligible, size=min(self.clients_per_round, len(eligible)), replace=False)
+        if self.poisson_rate is not None:
+            chosen = np.asarray(eligible)[rng.random(len(eligible)) < self.poisson_rate]
+        else:
+            chosen = rng.choice(eligible, size=min(self.clients_per_round, len(eligible)), replace=False)
         return sorted(int(partition) for partition in chosen)
 
     # --- one round, as the server drives it --------------------------------------------------------------
@@ -245,6 +266,8 @@ class LoraStrategy(FedAvg):
         train_keys = tuple(sorted(self.method.uplink_keys(sent.keys(), server_round)))
         record = RoundRecord(instructed=partitions, bytes_down=arrays.count_bytes() * len(partitions))
         self._round = _RoundInProgress(server_round, sent, record)
+        if self.client_level is not None:
+            self.client_level.record_release(server_round)  # charged before any noise is drawn
         messages = []
         for partition in partitions:
             if self.ledger is not None:
@@ -365,21 +388,26 @@ class LoraStrategy(FedAvg):
         record.clients = sorted(partitions)
         if losses:
             record.train_loss = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
-        if len(updates) < self.min_replies:
+        if self.client_level is not None:
+            new_global = self._noised_aggregate(server_round, updates, partitions, accepted_norms)
+        elif not record.instructed:
+            return None  # Poisson sampling drew no client: nothing to aggregate, and nothing went wrong
+        elif len(updates) < self.min_replies:
             record.dropped = f"{len(updates)} valid update(s), {self.min_replies} needed"
             log(WARNING, "round %d: %s; the global adapter is unchanged", server_round, record.dropped)
             return None
-        updates, scales = bound_update_norms(sent, updates, accepted_norms)
-        record.clipped = {p: scale for p, scale in zip(partitions, scales, strict=True) if scale < 1.0}
-        for partition, scale in record.clipped.items():
-            log(
-                WARNING,
-                "round %d: partition %d's change was scaled by %.3g to the round's bound",
-                server_round,
-                partition,
-                scale,
-            )
-        new_global = self.method.aggregate(sent, updates, server_round)
+        else:
+            updates, scales = bound_update_norms(sent, updates, accepted_norms)
+            record.clipped = {p: scale for p, scale in zip(partitions, scales, strict=True) if scale < 1.0}
+            for partition, scale in record.clipped.items():
+                log(
+                    WARNING,
+                    "round %d: partition %d's change was scaled by %.3g to the round's bound",
+                    server_round,
+                    partition,
+                    scale,
+                )
+            new_global = self.method.aggregate(sent, updates, server_round)
         if not all(all_finite(value) for value in new_global.values()):
             record.dropped = "the aggregate is not finite"
             log(ERROR, "round %d: %s; the global adapter is unchanged", server_round, record.dropped)
@@ -391,6 +419,21 @@ class LoraStrategy(FedAvg):
                 for key, value in new_global.items()
             }
         )
+
+    def _noised_aggregate(
+        self, server_round: int, updates: list[ClientUpdate], partitions: list[int], norms: list[float]
+    ) -> dict[str, torch.Tensor]:
+        """Client-level DP: the method's server step on the noised average of the clipped changes. It runs
+        whatever the number of valid replies, none included: the count is not private, so no decision may
+        depend on it."""
+        assert self.client_level is not None and self._round is not None
+        plan, sent = self.client_level.plan, self._round.sent
+        self._round.record.clipped = {
+            p: plan.clip_norm / norm for p, norm in zip(partitions, norms, strict=True) if norm > plan.clip_norm
+        }
+        keys = sorted(self.method.uplink_keys(sent.keys(), server_round))
+        released = noised_average(sent, updates, keys, plan, noise_generator(self.seed, server_round))
+        return self.method.aggregate_noised(sent, released, server_round)
 
     @staticmethod
     def _reject(record: RoundRecord, server_round: int, partition: int, reason: str) -> None:

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from fedsvd.cli import main
-from fedsvd.privacy import MIN_NOISE_MULTIPLIER, PrivacyConfigError, calibrate_noise_multiplier
+from fedsvd.privacy.accountants import PrivacyConfigError
+from fedsvd.privacy.calibration import MIN_NOISE_MULTIPLIER, calibrate_noise_multiplier
 
 # Every case returns within about a second. One that hangs (as epsilon = inf did, in the noise calibration) or
 # goes on into a real run fails here instead of blocking the suite.
@@ -125,6 +126,19 @@ CASES = [
     pytest.param(_sets("batch_size=100000"), "batch_size = 100000", id="batch-above-every-partition"),
     pytest.param(lambda setup: setup.plan("--set", "batch_size=100000"), "batch_size = 100000", id="plan-batch"),
     pytest.param(_sets("delta=0.5"), "delta = 0.5", id="delta-not-below-1-over-n"),
+    # Client-level DP.
+    pytest.param(_sets("client_dp=true", "method=flora"), "method = 'flora'", id="client-dp-flora"),
+    pytest.param(_sets("client_dp=true", "method=fedex"), "method = 'fedex'", id="client-dp-fedex"),
+    pytest.param(_sets("client_dp=true", "client_delta=0.5"), "client_delta = 0.5", id="client-delta-above-1-over-n"),
+    pytest.param(_sets("client_dp=true", "client_epsilon=1e9"), "client_epsilon = 1e+09", id="client-eps-no-noise"),
+    pytest.param(_sets("client_clip_norm=0"), "client_clip_norm = 0", id="client-clip-zero"),
+    pytest.param(_sets("client_epsilon=nan"), "client_epsilon = nan", id="client-epsilon-nan"),
+    pytest.param(_sets("client_sampling=random"), "client_sampling = 'random'", id="client-sampling-unknown"),
+    pytest.param(
+        lambda setup: setup.plan("--set", "client_dp=true", "--set", "client_epsilon=1e9"),
+        "client_epsilon = 1e+09",
+        id="plan-client-eps-no-noise",
+    ),
     pytest.param(_sets("max_length=65"), "max_length = 65", id="max-length-beyond-positions"),
     pytest.param(_sets("lora_rank=100000"), "lora_rank = 100000", id="rank-beyond-module-size"),
     # What the run asks of the machine or the Ray cluster.

@@ -21,7 +21,7 @@ from fedsvd.compare import load_comparison, run_dir
 from fedsvd.config import ConfigError, ExperimentConfig
 from fedsvd.data import HUB_TASKS, TextDataset
 from fedsvd.federation import Split, _split_federation, plan_federation
-from fedsvd.privacy import epsilon_of
+from fedsvd.privacy.accounting import epsilon_of
 from fedsvd.report import COMPARISON_JSON, PLOTS, SUMMARY_CSV, SUMMARY_MD, render
 from fedsvd.results import METRICS_JSONL, SUMMARY_JSON
 

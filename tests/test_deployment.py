@@ -55,7 +55,7 @@ from clients.node import (
     state_directory,
 )
 from fedsvd.config import ExperimentConfig
-from fedsvd.privacy import PrivacyLedger
+from fedsvd.privacy.record_level import PrivacyLedger
 from fedsvd.simulation import stop_process_trees
 
 ROOT = Path(__file__).resolve().parents[1]

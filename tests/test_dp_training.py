@@ -11,7 +11,9 @@ from opacus.accountants import RDPAccountant
 
 from clients.trainer import DpSgdSettings, train_local
 from fedsvd.model import build_lora_model, get_arrays, set_trainable, shared_parameters
-from fedsvd.privacy import RDP_ORDERS, PrivacyLedger, calibrate_noise_multiplier, epsilon_of
+from fedsvd.privacy.accounting import RDP_ORDERS, epsilon_of
+from fedsvd.privacy.calibration import calibrate_noise_multiplier
+from fedsvd.privacy.record_level import PrivacyLedger
 
 CPU = torch.device("cpu")
 DELTA = 1e-5

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -39,8 +40,10 @@ from safetensors.torch import load_file
 from clients.app import PRIVACY_STATE_KEY, _continuing_ledger
 from fedsvd.config import ExperimentConfig, resume_conflict
 from fedsvd.federation import ClientPlan
-from fedsvd.methods import METHODS, build_method
-from fedsvd.privacy import RDP_ORDERS, PrivacyLedger, ServerPrivacyLedger
+from fedsvd.methods import METHODS, ClientUpdate, build_method
+from fedsvd.privacy.accounting import RDP_ORDERS, epsilon_of
+from fedsvd.privacy.client_level import ClientLevelLedger, ClientLevelPlan, noise_generator, noised_average
+from fedsvd.privacy.record_level import PrivacyLedger, ServerPrivacyLedger
 from fedsvd.protocol import (
     Description,
     EvaluationReply,
@@ -53,7 +56,7 @@ from fedsvd.protocol import (
 from fedsvd.results import CheckpointError, ResultsExist, RunRecorder, ServerState, read_metrics, write_progress
 from fedsvd.simulation import _ProgressFollower
 from server.app import discover_clients
-from server.strategy import LoraStrategy
+from server.strategy import BudgetExhausted, LoraStrategy
 
 # --- every field of every message ------------------------------------------------------------------------
 
@@ -185,7 +188,9 @@ class FakeGrid:
         return [10, 11, 12]
 
 
-def _strategy(method: str = "fedsvd", min_replies: int = 1, clients_per_round: int = 3) -> LoraStrategy:
+def _strategy(
+    method: str = "fedsvd", min_replies: int = 1, clients_per_round: int = 3, **options: object
+) -> LoraStrategy:
     plans = {p: ClientPlan(p, 100 * (p + 1), RATE, SIGMA, 6) for p in range(3)}
     ledger = ServerPrivacyLedger("rdp", DELTA, STEPS, {p: (SIGMA, RATE) for p in range(3)})
     return LoraStrategy(
@@ -200,6 +205,7 @@ def _strategy(method: str = "fedsvd", min_replies: int = 1, clients_per_round: i
         min_replies=min_replies,
         ledger=ledger,
         target_epsilon=100.0,
+        **options,  # type: ignore[arg-type]
     )
 
 
@@ -520,12 +526,18 @@ def test_checkpoint_round_trip_and_refusals(tmp_path: Path) -> None:
         short_rounds=0,
         wall_seconds=3.0,
         config=ExperimentConfig().to_flat(),
+        client_level_rounds=[1, 2],
+        client_level_noise=0.83,
     )
     state.save(tmp_path)
     restored = ServerState.load(tmp_path)
     assert restored.arrays.keys() == state.arrays.keys()
     assert all(torch.equal(restored.arrays[k], state.arrays[k]) for k in state.arrays)
     assert {**vars(restored), "arrays": None} == {**vars(state), "arrays": None}
+    state.client_level_rounds = [1, 2, 3]
+    state.save(tmp_path)
+    with pytest.raises(CheckpointError, match="charges client-level rounds after its own round"):
+        ServerState.load(tmp_path)
     (tmp_path / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
         ServerState.load(tmp_path)
@@ -700,3 +712,76 @@ def test_a_run_whose_rounds_keep_falling_short_stops_with_an_error(
     rows = read_metrics(tmp_path)
     assert all(row["dropped"] and "non-finite values" in " ".join(row["rejected"].values()) for row in rows[1:])
     assert "round dropped" in result.stdout
+
+
+# --- client-level DP in the strategy ------------------------------------------------------------------------
+
+
+def _client_level(sigma: float = 0.7, rate: float = 1.0, target: float = 1e3) -> ClientLevelLedger:
+    plan = ClientLevelPlan(clip_norm=0.02, noise_multiplier=sigma, sample_rate=rate, denominator=3.0, rounds=5)
+    return ClientLevelLedger(plan, 1e-3, "rdp", target)
+
+
+def test_under_client_level_dp_the_method_sees_the_noised_average_of_clipped_changes() -> None:
+    client_level = _client_level()
+    strategy = _strategy("fedsvd", client_level=client_level)
+    sent = _global()
+    replies: list[Message] = []
+    honest = _honest(strategy)  # B moves by 0.01 * (p + 1) on 6 entries: norms 0.024, 0.049, 0.073 > clip 0.02
+    grid = FakeGrid(lambda m: replies.append(reply := honest(m)) or reply)
+    new_arrays, record = strategy.train_round(grid, 1, ArrayRecord(sent), timeout=WAIT_S)  # type: ignore[arg-type]
+    assert new_arrays is not None and record.clients == [0, 1, 2] and client_level.rounds == [1]
+    assert sorted(record.clipped) == [0, 1, 2] and all(0 < scale < 1 for scale in record.clipped.values())
+    updates = [
+        ClientUpdate({k: torch.from_numpy(v.numpy().copy()) for k, v in r.content["arrays"].items()}, 1)
+        for r in replies
+    ]
+    keys = sorted(strategy.method.uplink_keys(sent.keys(), 1))
+    released = noised_average(sent, updates, keys, client_level.plan, noise_generator(0, 1))
+    expected = strategy.method.aggregate_noised(sent, released, 1)
+    new = new_arrays.to_torch_state_dict()
+    assert all(torch.equal(new[key], expected[key]) for key in expected)
+    # The noise is really there: without it the adapter would be the plain clipped average.
+    clean = ClientLevelPlan(0.02, 0.0, 1.0, 3.0, 5)
+    plain = strategy.method.aggregate_noised(sent, noised_average(sent, updates, keys, clean, noise_generator(0, 1)), 1)
+    assert not torch.allclose(new[B] @ new[A], plain[B] @ plain[A], atol=1e-4)
+
+
+def test_a_poisson_round_without_clients_still_releases_noise_and_is_charged() -> None:
+    client_level = _client_level(rate=0.01)
+    strategy = _strategy("ffa", poisson_rate=0.01, client_level=client_level)
+    grid = FakeGrid(_honest(strategy))
+    sent = _global("ffa")
+    new_arrays, record = strategy.train_round(grid, 1, ArrayRecord(sent), timeout=WAIT_S)  # type: ignore[arg-type]
+    assert record.instructed == [] and grid.sent == [] and record.dropped is None
+    assert new_arrays is not None and client_level.rounds == [1]
+    moved = new_arrays.to_torch_state_dict()[B] - sent[B]
+    assert 0 < float(moved.abs().max()) < 10 * client_level.plan.noise_std
+
+
+def test_poisson_sampling_draws_each_client_independently_at_its_rate() -> None:
+    strategy = _strategy("ffa", poisson_rate=0.4)
+    counts = [len(strategy.sample_partitions(r)) for r in range(1, 2001)]
+    assert statistics.fmean(counts) == pytest.approx(3 * 0.4, rel=0.05)
+    assert {0, 1, 2, 3} <= set(counts), "rounds with no client, and with every client"
+
+
+def test_without_client_level_dp_an_empty_poisson_round_changes_nothing_and_is_not_a_short_round() -> None:
+    strategy = _strategy("ffa", poisson_rate=1e-9)
+    grid, arrays = FakeGrid(_honest(strategy)), ArrayRecord(_global("ffa"))
+    new_arrays, record = strategy.train_round(grid, 1, arrays, timeout=WAIT_S)  # type: ignore[arg-type]
+    assert new_arrays is None and record.instructed == [] and record.dropped is None
+
+
+def test_no_round_starts_that_would_take_the_federation_past_its_client_level_target() -> None:
+    client_level = _client_level(sigma=2.0)
+    two_rounds = epsilon_of([(2.0, 1.0, 2)], 1e-3, "rdp")
+    client_level.target_epsilon = two_rounds * 1.0001
+    strategy = _strategy("ffa", client_level=client_level)
+    arrays = ArrayRecord(_global("ffa"))
+    for server_round in (1, 2):
+        strategy.train_round(FakeGrid(_honest(strategy)), server_round, arrays, timeout=WAIT_S)  # type: ignore[arg-type]
+    assert client_level.epsilon() == pytest.approx(two_rounds)
+    with pytest.raises(BudgetExhausted, match="client-level epsilon"):
+        strategy.train_round(FakeGrid(_honest(strategy)), 3, arrays, timeout=WAIT_S)  # type: ignore[arg-type]
+    assert client_level.rounds == [1, 2]

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fedsvd.model import build_lora_model, get_arrays
-from fedsvd.privacy import RDP_ORDERS
+from fedsvd.privacy.accounting import RDP_ORDERS
 from fedsvd.results import CSV_COLUMNS
 
 
@@ -153,6 +153,36 @@ def test_expected_participation_skips_clients_at_their_budget_and_never_exceeds_
             assert row["accuracy"] is None and row["loss"] is None and row["eval_examples"] == 0
     assert 0 <= summary["final_accuracy"] <= 1
     assert "acc   -    |" in result.stdout and "acc~" in result.stdout
+
+
+@pytest.mark.starts(1)
+def test_client_level_dp_with_poisson_sampling_is_accounted_every_round(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
+) -> None:
+    """3 rounds, each client sampled with probability 0.6; the federation's client-level epsilon after every round
+    is recomputed by Google's accountant from the mechanism privacy.json records, next to record-level DP."""
+    result = run_fedsvd(
+        tmp_path, tiny_bert, sentiment_csv, "--set", "rounds=3", "--set", "fraction=0.6", "--set", "client_dp=true",
+        "--set", "client_sampling=poisson", "--set", "client_epsilon=30", "--set", "client_clip_norm=0.05",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "client-level DP: target eps 30 at delta 0.001 over 3 rounds, Poisson sampling at q = 0.6" in result.stdout
+    level = json.loads((tmp_path / "privacy.json").read_text())["client_level"]
+    assert level["rounds"] == [1, 2, 3] and level["sample_rate"] == 0.6 and level["denominator"] == 0.6 * CLIENTS
+    assert level["noise_std"] == pytest.approx(level["noise_multiplier"] * 0.05 / (0.6 * CLIENTS))
+    rows = _rows(tmp_path)
+    assert rows[0]["client_epsilon"] == 0.0
+    for row in rows[1:]:
+        event = dp_event.PoissonSampledDpEvent(0.6, dp_event.GaussianDpEvent(level["noise_multiplier"]))
+        google = rdp.RdpAccountant(RDP_ORDERS).compose(event, row["round"]).get_epsilon(1e-3)
+        assert row["client_epsilon"] == pytest.approx(google, rel=5e-3)
+        assert row["client_epsilon"] <= 30 and row["epsilon_max"] <= 4.0 + 1e-9  # both guarantees, side by side
+        assert all(0 < scale < 1 for scale in row["clipped"].values())
+    assert rows[-1]["client_epsilon"] == pytest.approx(30, rel=5e-3)
+    assert level["epsilon"]["rdp"] == rows[-1]["client_epsilon"] and level["epsilon"]["prv"] < 30
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["client_epsilon"] == rows[-1]["client_epsilon"] and summary["client_epsilon_target"] == 30
+    assert sum("client eps" in line for line in result.stdout.splitlines()) == 4
 
 
 def _comparison_file(path: Path, tiny_bert: Path, sentiment_csv: Path, methods: list[str]) -> Path:

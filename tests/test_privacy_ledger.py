@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from dp_accounting import dp_event, rdp
 
-from fedsvd.privacy import RDP_ORDERS, PrivacyLedger, ServerPrivacyLedger
+from fedsvd.privacy.accounting import RDP_ORDERS
+from fedsvd.privacy.record_level import PrivacyLedger, ServerPrivacyLedger
 
 DELTA = 1e-5
 

@@ -213,6 +213,9 @@ class FederatedLoraMethod(ABC):
     merges_into_base: ClassVar[bool] = False
     # Factors each client keeps from its own last round instead of taking the server's (personalisation).
     personal_factors: ClassVar[frozenset[str]] = frozenset()
+    # Why the method cannot run under client-level DP, in a clause (its server step needs each client's own
+    # upload, not only their privatised average); None: it can.
+    client_level_refusal: ClassVar[str | None] = None
 
     def trained_factors(self, server_round: int) -> frozenset[str]:
         """Which LoRA factors (a subset of ``{"A", "B"}``) clients train in ``server_round``."""
@@ -262,16 +265,41 @@ class FederatedLoraMethod(ABC):
         ValueError
             If an update uploads other keys than expected, shapes disagree, or counts are invalid.
         """
-        expected = self.uplink_keys(global_arrays, server_round)
         for index, update in enumerate(updates):
-            if update.arrays.keys() != expected:
-                missing = sorted(expected - update.arrays.keys())
-                extra = sorted(update.arrays.keys() - expected)
-                raise ValueError(
-                    f"method {self.name!r}, round {server_round}: update {index} must upload exactly the "
-                    f"expected keys; missing {missing}, unexpected {extra}"
-                )
-        mean = weighted_mean(updates)
+            self._check_keys(global_arrays, update.arrays, server_round, f"update {index}")
+        return self._after_average(self._with(global_arrays, weighted_mean(updates)), updates, server_round)
+
+    def aggregate_noised(self, global_arrays: ArrayDict, noised: ArrayDict, server_round: int) -> ArrayDict:
+        """The next global arrays from the privatised average of this round's uploads (client-level DP,
+        ``fedsvd.privacy.client_level.noised_average``): the method's own server step applied to that average
+        alone, so that everything it computes is post-processing.
+
+        Raises
+        ------
+        ValueError
+            If the method's server step needs each client's upload (``client_level_refusal``), or ``noised``
+            holds other keys than the round's uploads.
+        """
+        if self.client_level_refusal is not None:
+            raise ValueError(f"method {self.name!r} cannot run under client-level DP: {self.client_level_refusal}")
+        self._check_keys(global_arrays, noised, server_round, "the noised average")
+        return self._after_average(self._with(global_arrays, noised), (), server_round)
+
+    def _check_keys(
+        self, global_arrays: ArrayDict, uploaded: Mapping[str, torch.Tensor], server_round: int, what: str
+    ) -> None:
+        expected = self.uplink_keys(global_arrays, server_round)
+        if uploaded.keys() != expected:
+            missing = sorted(expected - uploaded.keys())
+            extra = sorted(uploaded.keys() - expected)
+            raise ValueError(
+                f"method {self.name!r}, round {server_round}: {what} must hold exactly the "
+                f"expected keys; missing {missing}, unexpected {extra}"
+            )
+
+    @staticmethod
+    def _with(global_arrays: ArrayDict, mean: Mapping[str, torch.Tensor]) -> ArrayDict:
+        """The global arrays with the averaged keys replaced (in each global array's dtype and device)."""
         arrays = dict(global_arrays)
         for key, value in mean.items():
             target = global_arrays[key]
@@ -281,7 +309,7 @@ class FederatedLoraMethod(ABC):
                     f"the global array has {tuple(target.shape)}"
                 )
             arrays[key] = value.to(dtype=target.dtype, device=target.device)
-        return self._after_average(arrays, updates, server_round)
+        return arrays
 
     def _after_average(self, arrays: ArrayDict, updates: Sequence[ClientUpdate], server_round: int) -> ArrayDict:
         """Post-process the averaged arrays (``updates`` for rules that need each client's factors); the

@@ -35,6 +35,10 @@ class FedExLora(FederatedLoraMethod):
     name: ClassVar[str] = "fedex"
     options: ClassVar[tuple[str, ...]] = ("scaling",)
     merges_into_base: ClassVar[bool] = True
+    client_level_refusal: ClassVar[str | None] = (
+        "its residual needs the mean of each client's own product B_k A_k, which the noised average of the "
+        "factors does not determine"
+    )
 
     def __init__(self, scaling: float = 1.0) -> None:
         if not scaling > 0:

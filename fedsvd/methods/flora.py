@@ -45,6 +45,10 @@ class FLora(FederatedLoraMethod):
     name: ClassVar[str] = "flora"
     options: ClassVar[tuple[str, ...]] = ("scaling", "seed")
     merges_into_base: ClassVar[bool] = True
+    client_level_refusal: ClassVar[str | None] = (
+        "its merge adds each client's own product B_k A_k to the base weights (the stacked factors), which the "
+        "noised average of the factors does not determine"
+    )
 
     def __init__(self, scaling: float = 1.0, seed: int = 0) -> None:
         if not scaling > 0:
