@@ -491,7 +491,8 @@ def print_plan(cfg: ExperimentConfig, title: str) -> None:
     )
     print(note)
     if not cfg.dp:
-        print("dp = false: no clipping, no noise, no privacy guarantee")
+        guarantee = "only the client-level one below" if cfg.client_dp else "no privacy guarantee"
+        print(f"dp = false: clients train without per-sample clipping and noise, {guarantee}")
     else:
         print(
             f"DP-SGD: target eps {cfg.epsilon:g} at delta {cfg.delta:g} ({cfg.accountant}), clip {cfg.clip_norm:g}, "

@@ -66,10 +66,15 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+# A round line lists the clients it aggregated up to this many, and counts them beyond (metrics.jsonl lists all).
+LISTED_CLIENTS = 8
+
+
 def progress_line(row: Mapping[str, Any]) -> str:
     """The one-line view of a round that ``fedsvd run`` prints and the server logs. Scores are "-" in a round
     the held-out set was not scored in (``eval_every``) and marked "~" when scored on the evaluation sample."""
-    trained = ",".join(str(p) for p in row["clients"]) or "-"
+    clients = row["clients"]
+    trained = ",".join(map(str, clients)) if len(clients) <= LISTED_CLIENTS else f"({len(clients)})"
     local = row.get("local_accuracy")
     mark = "~" if row.get("eval_sampled") else " "
     accuracy, loss = ("   -   ", "   -   ")

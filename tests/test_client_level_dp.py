@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from dp_accounting import dp_event, rdp
+from dp_accounting import dp_event, pld, rdp
 
 from fedsvd.methods import METHODS, ClientUpdate, build_method
-from fedsvd.privacy.accounting import RDP_ORDERS, epsilon_of
+from fedsvd.privacy.accounting import RDP_ORDERS, epsilon_by_accountant, epsilon_of
 from fedsvd.privacy.client_level import ClientLevelPlan, clipped_change, noised_average, plan_client_level
 
 CLIP = 0.5
@@ -106,12 +106,19 @@ def test_methods_whose_server_step_needs_each_upload_are_refused_with_the_reason
         method.aggregate_noised(sent, {key: sent[key] for key in method.uplink_keys(sent, 1)}, 1)
 
 
-def _google_client_level(sigma: float, rate: float, rounds: int, delta: float) -> float:
+def _client_level_event(sigma: float, rate: float, rounds: int) -> dp_event.DpEvent:
     mechanism = dp_event.GaussianDpEvent(sigma)
     per_round = mechanism if rate == 1.0 else dp_event.PoissonSampledDpEvent(rate, mechanism)
-    return (
-        rdp.RdpAccountant(orders=RDP_ORDERS).compose(dp_event.SelfComposedDpEvent(per_round, rounds)).get_epsilon(delta)
-    )
+    return dp_event.SelfComposedDpEvent(per_round, rounds)
+
+
+def _google_rdp(sigma: float, rate: float, rounds: int, delta: float) -> float:
+    return rdp.RdpAccountant(orders=RDP_ORDERS).compose(_client_level_event(sigma, rate, rounds)).get_epsilon(delta)
+
+
+def _google_pld(sigma: float, rate: float, rounds: int, delta: float) -> float:
+    accountant = pld.PLDAccountant(value_discretization_interval=1e-4)
+    return accountant.compose(_client_level_event(sigma, rate, rounds)).get_epsilon(delta)
 
 
 @pytest.mark.parametrize(
@@ -135,8 +142,9 @@ def test_calibrated_client_level_epsilon_matches_dp_accounting(
     assert plan.denominator == cohort
     spent = epsilon_of([plan.round_event] * rounds, delta, "rdp")
     assert epsilon * (1 - 5e-3) <= spent <= epsilon
-    reference = _google_client_level(plan.noise_multiplier, plan.sample_rate, rounds, delta)
-    assert spent == pytest.approx(reference, rel=5e-3)
+    assert spent == pytest.approx(_google_rdp(plan.noise_multiplier, plan.sample_rate, rounds, delta), rel=5e-3)
+    tighter = epsilon_by_accountant([plan.round_event] * rounds, delta)["prv"]
+    assert tighter == pytest.approx(_google_pld(plan.noise_multiplier, plan.sample_rate, rounds, delta), rel=5e-3)
 
 
 def test_a_plan_takes_a_noise_multiplier_or_a_target_not_both() -> None:
