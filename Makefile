@@ -31,12 +31,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Ratios measured side by side in one run each: DP step, server step, planning, 1,000 clients against 10, and a
-# simulated round against the same round in one plain process.
+# Ratios measured side by side in one run each: DP step, server step, planning, client-level DP against
+# dp-accounting, 1,000 clients against 10, and a simulated round against the same round in one plain process.
 bench: setup
 	$(BIN)/python bench/dp_step.py
 	$(BIN)/python bench/server_step.py
 	$(BIN)/python bench/planning.py
+	$(BIN)/python bench/accounting_gap.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/harness.py
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -226,7 +227,11 @@ def _signed_log_sum_exp(log_terms: np.ndarray, signs: np.ndarray) -> np.ndarray:
 def _opacus_epsilon(events: list[PrivacyEvent], delta: float, accountant: str, **options: object) -> float:
     opacus_accountant = create_accountant(accountant)
     opacus_accountant.history = list(events)
-    return max(0.0, float(opacus_accountant.get_epsilon(delta=delta, **options)))
+    with warnings.catch_warnings():
+        # At sample rate 1 (client-level rounds without amplification) Opacus's PRV evaluates log(1 - q) = -inf
+        # in the branch of an np.where it then discards: the result is right, the warning only noise.
+        warnings.filterwarnings("ignore", "divide by zero encountered in log", RuntimeWarning)
+        return max(0.0, float(opacus_accountant.get_epsilon(delta=delta, **options)))
 
 
 def _prv_options(rdp_epsilon: float, events: Iterable[PrivacyEvent]) -> dict[str, float]:
