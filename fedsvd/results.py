@@ -74,7 +74,7 @@ def progress_line(row: Mapping[str, Any]) -> str:
     """The one-line view of a round that ``fedsvd run`` prints and the server logs. Scores are "-" in a round
     the held-out set was not scored in (``eval_every``) and marked "~" when scored on the evaluation sample."""
     clients = row["clients"]
-    trained = ",".join(map(str, clients)) if len(clients) <= LISTED_CLIENTS else f"({len(clients)})"
+    trained = (",".join(map(str, clients)) or "-") if len(clients) <= LISTED_CLIENTS else f"({len(clients)})"
     local = row.get("local_accuracy")
     mark = "~" if row.get("eval_sampled") else " "
     accuracy, loss = ("   -   ", "   -   ")

@@ -53,7 +53,15 @@ from fedsvd.protocol import (
     float32_npy,
     parse_arrays,
 )
-from fedsvd.results import CheckpointError, ResultsExist, RunRecorder, ServerState, read_metrics, write_progress
+from fedsvd.results import (
+    CheckpointError,
+    ResultsExist,
+    RunRecorder,
+    ServerState,
+    progress_line,
+    read_metrics,
+    write_progress,
+)
 from fedsvd.simulation import _ProgressFollower
 from server.app import discover_clients
 from server.strategy import BudgetExhausted, LoraStrategy
@@ -785,3 +793,12 @@ def test_no_round_starts_that_would_take_the_federation_past_its_client_level_ta
     with pytest.raises(BudgetExhausted, match="client-level epsilon"):
         strategy.train_round(FakeGrid(_honest(strategy)), 3, arrays, timeout=WAIT_S)  # type: ignore[arg-type]
     assert client_level.rounds == [1, 2]
+
+
+def test_a_round_line_lists_few_clients_counts_many_and_marks_none() -> None:
+    row = {"round": 3, "accuracy": 0.5, "loss": 0.7, "epsilon_max": 1.0, "epsilon_mean": 0.5, "seconds": 2.0}
+    assert "| clients -            |" in progress_line({**row, "clients": []})
+    assert "| clients 0,1,2,3,4,5,6,7 |" in progress_line({**row, "clients": list(range(8))})
+    assert "| clients (9)          |" in progress_line({**row, "clients": list(range(9))})
+    assert "client eps" not in progress_line({**row, "clients": []})
+    assert "| client eps  1.250 |" in progress_line({**row, "clients": [], "client_epsilon": 1.25})
