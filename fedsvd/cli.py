@@ -17,6 +17,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -77,9 +78,9 @@ class _Console:
     one line rewritten in place, otherwise a line at most once a minute, so that logs stay short but a long
     round still shows that it moves."""
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", rewritable: bool = True) -> None:
         self.prefix = prefix
-        self.rewritable = sys.stdout.isatty()
+        self.rewritable = rewritable and sys.stdout.isatty()
         self.live = False  # a rewritable line is on screen
         self.last_line = time.monotonic()
 
@@ -366,17 +367,36 @@ def _check_comparison_dir(out_dir: Path, comparison: Comparison, resume: bool) -
         raise ConfigError(f"--out {str(out_dir)!r} is not empty and holds no comparison; choose another directory")
 
 
+def _cores_to_share(parallel: int, configs: Sequence[ExperimentConfig]) -> int | None:
+    """CPUs for each simulation's private Ray when several run at once (None: one at a time, all the cores)."""
+    if parallel == 1:
+        return None
+    joined = sorted({address for cfg in configs if (address := ray_address(cfg, os.environ)) != "local"})
+    if joined:
+        key = "ray_address" if any(cfg.ray_address for cfg in configs) else "RAY_ADDRESS"
+        raise ConfigError(
+            f"--jobs {parallel} is not allowed with a Ray cluster ({key} = {joined[0]!r}): Flower sizes each "
+            "simulation's client pool to the whole cluster, so simulations started together would wait on each "
+            "other's clients; use --jobs 1 there"
+        )
+    return os.cpu_count() or 1
+
+
 def command_compare(args: argparse.Namespace) -> int:
+    from fedsvd.grid import GridJob, local_ray_cpus, run_grid
     from fedsvd.report import COMPARISON_JSON, SUMMARY_MD, render
     from fedsvd.simulation import run_simulation
 
     try:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs} is not allowed: must be >= 1")
         comparison = load_comparison(args.config, args.seeds)
         out_dir = Path(args.out or Path("results", f"compare-{Path(args.config).stem}-{_stamp()}")).resolve()
         _check_comparison_dir(out_dir, comparison, args.resume)
         _check_out_dir(out_dir, "--out")
-        jobs = [(run, seed, comparison.config(run, seed)) for seed in comparison.seeds for run in comparison.runs]
-        for _, _, cfg in jobs:
+        grid = [(run, seed, comparison.config(run, seed)) for seed in comparison.seeds for run in comparison.runs]
+        cores = _cores_to_share(args.jobs, [cfg for _, _, cfg in grid])
+        for _, _, cfg in grid:
             preflight(cfg)
     except USER_ERRORS as err:
         return _fail(str(err))
@@ -389,32 +409,65 @@ def command_compare(args: argparse.Namespace) -> int:
         f"fedsvd compare: {len(comparison.runs)} runs x {len(comparison.seeds)} seeds "
         f"({', '.join(run.name for run in comparison.runs)}) -> {out_dir}"
     )
-    failed: list[str] = []
-    for index, (run, seed, cfg) in enumerate(jobs, start=1):
-        directory = run_dir(out_dir, run.name, seed)
-        label = f"[{index}/{len(jobs)}] {run.name} seed {seed}"
-        if (directory / SUMMARY_JSON).is_file():
-            print(f"{label}: done earlier, skipped")
-            continue
-        resume = (directory / CHECKPOINT_FILE).is_file()
-        if directory.exists() and not resume:
+    jobs: list[GridJob] = []
+    for index, (run, seed, cfg) in enumerate(grid, start=1):
+        job = GridJob(
+            f"[{index}/{len(grid)}] {run.name} seed {seed}", run.name, seed, cfg, run_dir(out_dir, run.name, seed)
+        )
+        if (job.directory / SUMMARY_JSON).is_file():
+            print(f"{job.label}: done earlier, skipped")
+        else:
+            jobs.append(job)
+    if cores is not None:
+        largest = max(cfg.client_cpus for _, _, cfg in grid)
+        print(
+            f"up to {args.jobs} simulations at once, each on a private Ray of "
+            f"{local_ray_cpus(args.jobs, cores, largest)} of the {cores} CPUs"
+            + (
+                " (a client asks for more than an equal share: they share the cores)"
+                if largest > cores // args.jobs
+                else ""
+            )
+        )
+
+    def start(job: GridJob, cancelled: threading.Event) -> bool:
+        resume = (job.directory / CHECKPOINT_FILE).is_file()
+        if job.directory.exists() and not resume:
             # Interrupted before its first checkpoint: keep its files for inspection, start this one clean.
-            directory.rename(directory.with_name(f"{directory.name}.incomplete-{_stamp()}"))
-        print(f"{label}: {cfg.method}, {cfg.rounds} rounds" + (", resumed" if resume else ""), flush=True)
-        try:
-            with _Console(prefix=f"  {run.name} s{seed} | ") as console:
-                finished = run_simulation(
-                    cfg.replace(out_dir=str(directory), resume=resume), directory, console.round, console.waiting
-                )
-        except KeyboardInterrupt:
-            return _interrupted(directory, 128 + signal.SIGINT, "interrupted")
-        except (OSError, RuntimeError) as err:
-            print(f"{label}: could not run: {err}", file=sys.stderr)
-            finished = False
-        if not finished:
-            failed.append(f"{run.name} seed {seed}")
-            print(f"{label}: FAILED; see {directory / 'flower.log'}; the other runs go on", file=sys.stderr)
+            job.directory.rename(job.directory.with_name(f"{job.directory.name}.incomplete-{_stamp()}"))
+        print(f"{job.label}: {job.cfg.method}, {job.cfg.rounds} rounds" + (", resumed" if resume else ""), flush=True)
+        # Lines of simulations running side by side interleave: none is rewritten in place then.
+        with _Console(prefix=f"  {job.run_name} s{job.seed} | ", rewritable=args.jobs == 1) as console:
+            return run_simulation(
+                job.cfg.replace(out_dir=str(job.directory), resume=resume),
+                job.directory,
+                console.round,
+                console.waiting,
+                ray_cpus=None if cores is None else local_ray_cpus(args.jobs, cores, job.cfg.client_cpus),
+                cancelled=cancelled,
+            )
+
+    failed: list[str] = []
+
+    def finished(job: GridJob, outcome: bool | Exception) -> None:
+        if isinstance(outcome, Exception):
+            print(f"{job.label}: could not run: {outcome}", file=sys.stderr)
+        if outcome is not True:
+            failed.append(f"{job.run_name} seed {job.seed}")
+            print(f"{job.label}: FAILED; see {job.directory / 'flower.log'}; the other runs go on", file=sys.stderr)
         render(out_dir)  # the table and plots always reflect every run finished so far
+
+    try:
+        run_grid(jobs, args.jobs, start, finished)
+    except (KeyboardInterrupt, SystemExit) as stopped:
+        code = 128 + signal.SIGINT if isinstance(stopped, KeyboardInterrupt) else int(stopped.code or 1)
+        what = "interrupted" if isinstance(stopped, KeyboardInterrupt) else f"stopped by signal {code - 128}"
+        print(
+            f"fedsvd: {what}: every process of the comparison was stopped; continue with: "
+            f"fedsvd compare {args.config} --out {out_dir} --resume",
+            file=sys.stderr,
+        )
+        return code
     print((out_dir / SUMMARY_MD).read_text())
     print(f"summary.csv, summary.md and plots in {out_dir}")
     if failed:
@@ -424,12 +477,13 @@ def command_compare(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    from fedsvd.report import SUMMARY_MD, render
+    from fedsvd.report import DEFAULT_DIFFERENCES, SUMMARY_MD, render
 
     out_dir = Path(args.dir).expanduser().resolve()
+    differences = tuple(args.difference) if args.difference else DEFAULT_DIFFERENCES
     try:
-        lines, plots = render(out_dir)
-    except FileNotFoundError as err:
+        lines, plots = render(out_dir, args.reference, args.last_k, differences)
+    except (FileNotFoundError, ConfigError) as err:
         return _fail(str(err))
     print((out_dir / SUMMARY_MD).read_text())
     print("plots: " + ", ".join(str(path) for path in plots))
@@ -549,10 +603,26 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="results directory (default: results/compare-<name>-<time>)")
     compare.add_argument("--seeds", type=int, help="number of seeds (overrides the file's 'seeds')")
     compare.add_argument("--resume", action="store_true", help="continue in --out, skipping finished runs")
+    compare.add_argument(
+        "--jobs", type=int, default=1, metavar="N", help="run up to N simulations at once (default: 1)"
+    )
     compare.set_defaults(handler=command_compare)
 
     report = commands.add_parser("report", help="re-render summary.csv/.md and the plots of a comparison")
     report.add_argument("dir", help="a directory written by fedsvd compare")
+    report.add_argument(
+        "--reference", metavar="RUN", help="compare every other run with RUN, seed by seed (overrides 'reference')"
+    )
+    report.add_argument(
+        "--last-k", type=int, metavar="K", help="average the last K scored rounds (overrides 'last_k'; default 3)"
+    )
+    report.add_argument(
+        "--difference",
+        type=float,
+        action="append",
+        metavar="D",
+        help="say how many seeds would detect an accuracy difference D (repeatable; default 0.01 and 0.02)",
+    )
     report.set_defaults(handler=command_report)
 
     plan = commands.add_parser("plan", help="print every client's DP plan and projected epsilon, without training")

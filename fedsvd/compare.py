@@ -5,6 +5,8 @@ A comparison file is TOML::
     base = "default.toml"        # optional: a run config the comparison starts from (relative to this file)
     seeds = 3                    # how many seeds (seed, seed + 1, ...); ``--seeds`` overrides it
     target_accuracy = 0.7        # optional: the summary reports the first round reaching it
+    reference = "ffa"            # optional: every other run is compared with this one, seed by seed
+    last_k = 3                   # the summary's smoothed accuracy: the mean over the last k scored rounds
 
     [settings]                   # config keys shared by every run
     epsilon = 6.0
@@ -21,14 +23,15 @@ and DP settings, never on the method). Differences between runs of a seed are th
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedsvd.config import ConfigError, ExperimentConfig, read_toml
 
-COMPARISON_KEYS = ("base", "seeds", "target_accuracy", "settings", "runs")
+COMPARISON_KEYS = ("base", "seeds", "target_accuracy", "reference", "last_k", "settings", "runs")
+DEFAULT_LAST_K = 3
 # Run names become directory names: keep them portable and unambiguous.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Keys a run may not set: the comparison owns where results go and which seeds run.
@@ -52,6 +55,8 @@ class Comparison:
     runs: tuple[RunSpec, ...]
     seeds: tuple[int, ...]
     target_accuracy: float | None
+    reference: str | None
+    last_k: int
 
     def config(self, run: RunSpec, seed: int) -> ExperimentConfig:
         try:
@@ -70,12 +75,28 @@ class Comparison:
             ],
             "seeds": list(self.seeds),
             "target_accuracy": self.target_accuracy,
+            "reference": self.reference,
+            "last_k": self.last_k,
         }
 
 
 def _seed_count(value: Any, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{source}: seeds = {value!r} is not allowed: must be an integer >= 1")
+    return value
+
+
+def check_reference(value: Any, runs: Sequence[str], where: str) -> str:
+    """A reference run must be one of the comparison's runs; ``where`` names the file and key, or the option."""
+    if not isinstance(value, str) or value not in runs:
+        raise ConfigError(f"{where} = {value!r} is not allowed: must name one of the runs ({', '.join(runs)})")
+    return value
+
+
+def check_last_k(value: Any, where: str) -> int:
+    """How many of the last scored rounds the summary's smoothed accuracy averages: at least one."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} = {value!r} is not allowed: must be an integer >= 1")
     return value
 
 
@@ -132,12 +153,17 @@ def load_comparison(path: str | Path, seeds: int | None = None) -> Comparison:
     target = values.get("target_accuracy")
     if target is not None and (isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target <= 1):
         raise ConfigError(f"{source}: target_accuracy = {target!r} is not allowed: must be in (0, 1]")
+    reference = None
+    if "reference" in values:
+        reference = check_reference(values["reference"], [run.name for run in runs], f"{source}: reference")
     comparison = Comparison(
         source=source,
         base=base,
         runs=tuple(runs),
         seeds=tuple(base.seed + offset for offset in range(count)),
         target_accuracy=None if target is None else float(target),
+        reference=reference,
+        last_k=check_last_k(values.get("last_k", DEFAULT_LAST_K), f"{source}: last_k"),
     )
     for run in comparison.runs:  # every config is checked before anything runs
         for seed in comparison.seeds:

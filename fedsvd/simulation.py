@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -164,9 +165,15 @@ def run_simulation(
     out_dir: Path,
     show: Callable[[dict], None],
     waiting: Callable[[str], None] | None = None,
+    *,
+    ray_cpus: int | None = None,
+    cancelled: threading.Event | None = None,
 ) -> bool:
     """Run one federation (or continue it, with ``cfg.resume``); True if the server finished and wrote its
     summary. ``show`` gets every round's metrics row, ``waiting`` a line on what a round is waiting for.
+
+    ``ray_cpus`` caps the CPUs a private local Ray offers (by default all of this machine's), so that several
+    simulations can share a machine; ``cancelled`` stops the run, with all its processes, within a poll.
 
     Clients keep their state under the results, so that a resumed run finds it. When a client worker dies,
     the server ends the attempt at a checkpointed round and asks for a restart: the federation is then started
@@ -176,12 +183,13 @@ def run_simulation(
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.replace(out_dir=str(out_dir), client_state_dir=str(out_dir / CLIENT_STATE_DIR))
     follower = _ProgressFollower(out_dir, show, waiting)
+    cancelled = cancelled or threading.Event()
     if cfg.resume:
         follower.shown_up_to = ServerState.load(out_dir).completed_round
     for _ in range(MAX_RESTARTS + 1):
-        _run_once(cfg, out_dir, follower)
+        _run_once(cfg, out_dir, follower, ray_cpus, cancelled)
         request = out_dir / RESTART_FILE
-        if (out_dir / SUMMARY_JSON).exists() or not request.exists():
+        if (out_dir / SUMMARY_JSON).exists() or not request.exists() or cancelled.is_set():
             break
         after = json.loads(request.read_text())["after_round"]
         request.unlink()  # answered: the next attempt must not read it as its own request
@@ -190,7 +198,9 @@ def run_simulation(
     return (out_dir / SUMMARY_JSON).exists()
 
 
-def _run_once(cfg: ExperimentConfig, out_dir: Path, follower: _ProgressFollower) -> None:
+def _run_once(
+    cfg: ExperimentConfig, out_dir: Path, follower: _ProgressFollower, ray_cpus: int | None, cancelled: threading.Event
+) -> None:
     with tempfile.TemporaryDirectory(prefix="fedsvd-flwr-") as tmp:
         flwr_home = Path(tmp)
         port = _free_port()
@@ -202,7 +212,7 @@ def _run_once(cfg: ExperimentConfig, out_dir: Path, follower: _ProgressFollower)
         env = flower_environment(flwr_home, cfg)
         federation = (
             f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cfg.client_cpus} "
-            f"client-resources-num-gpus={cfg.client_gpus}"
+            f"client-resources-num-gpus={cfg.client_gpus}" + (f" init-args-num-cpus={ray_cpus}" if ray_cpus else "")
         )
         with open(out_dir / FLOWER_LOG, "ab") as log:
             pid_file = flwr_home / "started.pids"
@@ -260,7 +270,7 @@ def _run_once(cfg: ExperimentConfig, out_dir: Path, follower: _ProgressFollower)
                     follower.poll()
                     # The summary (or a restart request) is the server's last word: Flower's own teardown of
                     # the run and of Ray takes seconds more and produces nothing, so it is not waited for.
-                    if superlink.poll() is not None or _server_done(out_dir):
+                    if superlink.poll() is not None or _server_done(out_dir) or cancelled.is_set():
                         break
                     time.sleep(0.5)
                 follower.poll()

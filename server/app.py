@@ -333,6 +333,8 @@ class Federation:
                 "client_epsilon_target": self.cfg.client_epsilon if self.cfg.client_dp else None,
                 "client_delta": self.cfg.client_delta if self.cfg.client_dp else None,
                 "majority_accuracy": majority_accuracy(self.data.held_out.labels),
+                # What a final accuracy can resolve: its binomial standard error is sqrt(p(1-p)/N).
+                "held_out_examples": len(self.data.held_out.labels),
                 "wall_seconds": state.wall_seconds,
             }
         )

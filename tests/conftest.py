@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import random
 import subprocess
 import sys
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -161,22 +165,47 @@ def run_fedsvd(out_dir: Path, tiny_bert: Path, sentiment_csv: Path, *arguments: 
 
 
 def federation_run_arguments(method: str) -> tuple[str, ...]:
-    """How each of the shared runs was made: the method's config, ROUNDS rounds, 2 of 3 clients per round."""
+    """How each of the shared runs is made, as `fedsvd run` arguments: the method's config, ROUNDS rounds, 2 of 3
+    clients per round."""
     return (f"configs/{method}.toml", "--set", f"rounds={ROUNDS}", "--set", "fraction=0.6")
+
+
+def write_comparison(
+    path: Path, tiny_bert: Path, sentiment_csv: Path, runs: Mapping[str, Mapping[str, Any]], **settings: Any
+) -> Path:
+    """A comparison file of tiny federations: the shared runs' settings plus ``settings``, one seed, and per run
+    its method config (configs/<method>.toml, as `fedsvd run` would read it) plus its own keys."""
+    shared = {"model": str(tiny_bert), "dataset": str(sentiment_csv), **TINY_FEDERATION, "rounds": ROUNDS,
+              "fraction": 0.6, **settings}  # fmt: skip
+    lines = ["seeds = 1", "[settings]", *(f"{key} = {json.dumps(value)}" for key, value in shared.items())]
+    for name, keys in runs.items():
+        method = tomllib.loads((ROOT / "configs" / f"{keys.get('method', name)}.toml").read_text())
+        lines += ["[[runs]]", f'name = "{name}"', *(f"{k} = {json.dumps(v)}" for k, v in {**method, **keys}.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_comparison(spec: Path, out_dir: Path, *arguments: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "fedsvd.cli", "compare", str(spec), "--out", str(out_dir), *arguments]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="session")
 def federation_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path) -> dict[str, Path]:
-    """One 2-round, 3-client DP run per method, made once and inspected by tests of several modules."""
+    """One 2-round, 3-client DP run per method, made once by `fedsvd compare --jobs 2` (two at a time) and inspected
+    by tests of several modules; `fedsvd run` with ``federation_run_arguments`` makes the same runs."""
     before = flower_processes()
-    out = {}
+    directory = tmp_path_factory.mktemp("federation-runs")
+    spec = write_comparison(
+        directory / "runs.toml", tiny_bert, sentiment_csv, {method: {} for method in FEDERATION_RUN_METHODS}
+    )
+    result = run_comparison(spec, directory / "out", "--jobs", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
     for method in FEDERATION_RUN_METHODS:
-        out_dir = tmp_path_factory.mktemp(method)
-        result = run_fedsvd(out_dir, tiny_bert, sentiment_csv, *federation_run_arguments(method))
-        assert result.returncode == 0, result.stdout + result.stderr
         # The round lines, not the lines that say what a long round is waiting for (they start alike).
-        progress = [line for line in result.stdout.splitlines() if line.startswith("round ") and "| eps max" in line]
+        progress = [
+            line for line in result.stdout.splitlines() if f"{method} s0 | round " in line and "| eps max" in line
+        ]
         assert len(progress) == ROUNDS + 1, result.stdout
-        out[method] = out_dir
-    assert flower_processes() <= before, "the run left Flower or Ray processes behind"
-    return out
+    assert flower_processes() <= before, "the runs left Flower or Ray processes behind"
+    return {method: directory / "out" / method / "seed-0" for method in FEDERATION_RUN_METHODS}

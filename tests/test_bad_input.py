@@ -60,9 +60,13 @@ class Setup:
     def plan(self, *argv: str, config: str | None = None) -> list[str]:
         return ["plan", config or self.file("plan.toml", ""), *self.settings(), *argv]
 
-    def compare(self, out: str) -> list[str]:
-        runs = f'[settings]\nmodel = "{self.model}"\ndataset = "{self.data}"\n[[runs]]\nname = "a"\nmethod = "ffa"\n'
-        return ["compare", self.file("compare.toml", runs), "--out", out]
+    def compare(self, out: str | None = None, *argv: str, settings: str = "") -> list[str]:
+        runs = (
+            f'[settings]\nmodel = "{self.model}"\ndataset = "{self.data}"\nnum_clients = 3\n'
+            f"delta = 1e-3\nclient_cpus = 1\n{settings}"
+            '[[runs]]\nname = "a"\nmethod = "ffa"\n'
+        )
+        return ["compare", self.file("compare.toml", runs), "--out", out or str(self.out), *argv]
 
     def run_dir(self, *names: str) -> str:
         """An output directory holding the named result files, as another run left it."""
@@ -190,6 +194,12 @@ CASES = [
     pytest.param(lambda setup: ["run", "--resume", setup.run_dir()], "checkpoint.safetensors", id="resume-nothing"),
     pytest.param(lambda setup: ["run", "--resume", setup.run_dir("summary.json")], "has finished", id="resume-done"),
     pytest.param(lambda setup: setup.compare(_under_a_file(setup)), "taken", id="compare-out-under-a-file"),
+    pytest.param(lambda setup: setup.compare(None, "--jobs", "0"), "--jobs 0", id="compare-no-jobs"),
+    pytest.param(
+        lambda setup: setup.compare(None, "--jobs", "2", settings='ray_address = "auto"\n'),
+        "--jobs 2 is not allowed with a Ray cluster (ray_address = 'auto')",
+        id="compare-jobs-on-a-cluster",
+    ),
     # Data files.
     pytest.param(lambda setup: setup.run("--set", f"dataset={setup.root / 'none.csv'}"), "none.csv", id="data-missing"),
     pytest.param(_data("latin1.csv", b"text,label\n" + NOT_UTF8 + b",1\n"), "latin1.csv", id="data-not-utf8"),

@@ -258,7 +258,7 @@ def test_a_failing_run_is_reported_the_others_go_on_and_resume_retries_only_it(
     broken = {"b"}
 
     def simulate(
-        cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], None], waiting: Callable[[str], None]
+        cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], None], waiting: Callable[[str], None], **_: object
     ) -> bool:
         calls.append((out_dir.parent.name, cfg.seed))
         finished = out_dir.parent.name not in broken

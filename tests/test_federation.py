@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLIENTS, ROUNDS, TINY_FEDERATION, flower_processes, run_fedsvd
+from conftest import CLIENTS, ROOT, ROUNDS, flower_processes, run_comparison, run_fedsvd, write_comparison
 from dp_accounting import dp_event, rdp
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -28,6 +28,11 @@ def runs(federation_runs: dict[str, Path]) -> dict[str, Path]:
 
 def _rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _timeless_rows(out_dir: Path) -> list[dict]:
+    """A run's metrics without how long each round took."""
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in _rows(out_dir)]
 
 
 @pytest.mark.parametrize("method", ["fedsvd", "ffa", "fedavg"])
@@ -185,34 +190,30 @@ def test_client_level_dp_with_poisson_sampling_is_accounted_every_round(
     assert sum("client eps" in line for line in result.stdout.splitlines()) == 4
 
 
-def _comparison_file(path: Path, tiny_bert: Path, sentiment_csv: Path, methods: list[str]) -> Path:
-    settings = {
-        "model": f'"{tiny_bert}"', "dataset": f'"{sentiment_csv}"', "num_clients": CLIENTS, "local_steps": 3,
-        "delta": 1e-3, "epsilon": 4.0, "client_cpus": TINY_FEDERATION["client_cpus"], "rounds": ROUNDS, "fraction": 0.6,
-        "local_eval_fraction": 0.1,
-    }  # fmt: skip
-    lines = ["seeds = 1", "target_accuracy = 0.5", "[settings]", *(f"{k} = {v}" for k, v in settings.items())]
-    for method in methods:
-        lines += ["[[runs]]", f'name = "{method}"', f'method = "{method}"']
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.mark.starts(4)
+@pytest.mark.starts(5)
 def test_compare_runs_the_other_four_methods_by_their_rules(
-    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, federation_runs: dict[str, Path]
 ) -> None:
-    """`fedsvd compare` over real simulations of FedSA-LoRA, RoLoRA, FLoRA and FedEx-LoRA, then resume and report."""
+    """`fedsvd compare` (one simulation at a time) over real simulations of FedSA-LoRA, RoLoRA, FLoRA and
+    FedEx-LoRA, then resume and report; and a FedSVD run identical to the shared one, made two at a time."""
     before = flower_processes()
     methods = ["fedsa", "rolora", "flora", "fedex"]
-    spec = _comparison_file(tmp_path / "compare.toml", tiny_bert, sentiment_csv, methods)
+    # The shared FedSVD run holds out no local slices; FedSA-LoRA needs them, so the others here hold them out too.
+    grid = {**{method: {} for method in methods}, "fedsvd": {"local_eval_fraction": 0.0}}
+    spec = write_comparison(tmp_path / "compare.toml", tiny_bert, sentiment_csv, grid, local_eval_fraction=0.1)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "fedsvd.cli", "compare", str(spec), "--out", str(out)]
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    result = run_comparison(spec, out, "--jobs", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert flower_processes() <= before, "the comparison left Flower or Ray processes behind"
     runs = {method: out / method / "seed-0" for method in methods}
+
+    parallel, alone = federation_runs["fedsvd"], out / "fedsvd" / "seed-0"
+    assert _timeless_rows(alone) == _timeless_rows(parallel), "--jobs 2 and --jobs 1 compute the same rounds"
+    adapters = [load_file(str(run / "adapter.safetensors")) for run in (alone, parallel)]
+    assert adapters[0].keys() == adapters[1].keys() and all(
+        torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0]
+    )
+    assert (alone / "privacy.json").read_bytes() == (parallel / "privacy.json").read_bytes()
 
     sequences = {method: [row["clients"] for row in _rows(directory)] for method, directory in runs.items()}
     assert len({json.dumps(sequence) for sequence in sequences.values()}) == 1, sequences
@@ -247,13 +248,13 @@ def test_compare_runs_the_other_four_methods_by_their_rules(
 
     with (out / "summary.csv").open() as handle:
         summary = {row["run"]: row for row in csv.DictReader(handle)}
-    assert set(summary) == set(methods) and all(row["seeds_done"] == "1/1" for row in summary.values())
+    assert set(summary) == set(grid) and all(row["seeds_done"] == "1/1" for row in summary.values())
     for name in ("accuracy_vs_round.png", "epsilon_vs_round.png", "accuracy_vs_uplink.png"):
         assert (out / name).stat().st_size > 10_000
 
-    resumed = subprocess.run([*command, "--resume"], cwd=root, capture_output=True, text=True)
-    assert resumed.returncode == 0 and resumed.stdout.count("done earlier, skipped") == len(methods), resumed.stdout
+    resumed = run_comparison(spec, out, "--resume", "--jobs", "2")
+    assert resumed.returncode == 0 and resumed.stdout.count("done earlier, skipped") == len(grid), resumed.stdout
     (out / "summary.csv").unlink()
-    reported = subprocess.run([sys.executable, "-m", "fedsvd.cli", "report", str(out)], cwd=root, text=True,
+    reported = subprocess.run([sys.executable, "-m", "fedsvd.cli", "report", str(out)], cwd=ROOT, text=True,
                               capture_output=True)  # fmt: skip
     assert reported.returncode == 0 and (out / "summary.csv").is_file(), reported.stderr
