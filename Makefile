@@ -32,7 +32,8 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 # Ratios measured side by side in one run each: DP step, server step, planning, client-level DP against
-# dp-accounting, 1,000 clients against 10, and a simulated round against the same round in one plain process.
+# dp-accounting, 1,000 clients against 10, and a simulated round against the same round in one plain process;
+# then where the time to round 0 of the default federation goes.
 bench: setup
 	$(BIN)/python bench/dp_step.py
 	$(BIN)/python bench/server_step.py
@@ -40,6 +41,7 @@ bench: setup
 	$(BIN)/python bench/accounting_gap.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/harness.py
+	$(BIN)/python bench/startup.py
 
 # CUDA step times, FedSVD's server step and clients sharing one GPU; one line and exit 0 without a GPU.
 # No venv is made for it: on a GPU machine the CPU-only torch pinned above would replace the CUDA one, so it

@@ -521,9 +521,14 @@ def _merge(series: Sequence[tuple[str, Series]], kind: str) -> list[tuple[str, S
     return merged
 
 
-def _draw(axes: plt.Axes, series: Sequence[tuple[str, Series]], kind: str = "", dashes: str | None = None) -> None:
-    """One line per merged series, each with its own marker, and its 95% band where it has one."""
-    for index, (label, (x, y, halves)) in enumerate(_merge(series, kind)):
+def _draw(
+    axes: plt.Axes, series: Sequence[tuple[str, Series]], kind: str = "", dashes: str | None = None, shift: float = 0.0
+) -> None:
+    """One line per merged series, each with its own marker, and its 95% band where it has one. ``shift`` moves
+    the lines apart along x by that much each (on a round axis), so that close but different curves stay visible."""
+    merged = _merge(series, kind)
+    for index, (label, (x, y, halves)) in enumerate(merged):
+        x = [value + (index - (len(merged) - 1) / 2) * shift for value in x]
         linestyle = dashes or DASHES[index // 10 % len(DASHES)]
         (line,) = axes.plot(
             x, y, marker=MARKERS[index % len(MARKERS)], markersize=4, linestyle=linestyle, linewidth=1.3, label=label
@@ -560,7 +565,7 @@ def plot(out_dir: Path, results: Sequence[RunResult], record: Mapping[str, Any])
     written = []
 
     figure, axes = plt.subplots(figsize=(7.5, 4.8))
-    _draw(axes, [(result.name, _per_round(result, "accuracy")) for result in finished])
+    _draw(axes, [(result.name, _per_round(result, "accuracy")) for result in finished], shift=0.06)
     if record.get("target_accuracy"):
         _horizontal(axes, [record["target_accuracy"]], "target", ":")
     _horizontal(axes, _majority(finished), "majority class", "--")
@@ -641,8 +646,12 @@ def plot_paired(out_dir: Path, lines: Sequence[PairedLine], reference: str, last
     )
     for score, axes in zip(SCORES, panels[:, 0], strict=True):
         axes.axhline(0, color="black", linewidth=0.8)
+        drawn: list[float] = []  # the differences and intervals: they, not the (often far wider) band, set the scale
         for line in (line for line in lines if line.score == score):
             position, paired = runs.index(line.run), line.paired
+            drawn += [abs(d) for d in paired.differences]
+            if not math.isnan(paired.half_width):
+                drawn.append(abs(paired.mean) + paired.half_width)
             if line.resolution is not None:
                 noise = line.resolution.noise
                 axes.fill_between(
@@ -668,7 +677,9 @@ def plot_paired(out_dir: Path, lines: Sequence[PairedLine], reference: str, last
             )  # fmt: skip
         axes.set_title(titles[score], fontsize=9.5)
         axes.set_ylabel(f"run - {reference}")
-        axes.margins(y=0.4)
+        # Symmetric about zero, with room above for the verdicts; a band wider than this fills the panel's column.
+        extent = max(drawn, default=0.0) or 0.005
+        axes.set_ylim(-1.3 * extent, 2.0 * extent)
         axes.grid(True, axis="y", alpha=0.3)
     bottom = panels[-1, 0]
     bottom.set_xticks(range(len(runs)), runs)
