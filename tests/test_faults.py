@@ -6,19 +6,17 @@ second half runs real federations (``fedsvd run`` with Flower, Ray and Opacus) a
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import math
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -603,34 +601,11 @@ def _files(out_dir: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in out_dir.rglob("*") if p.is_file()}
 
 
-# Starts of a run to stop (see _stop_in_round).
-STOP_ATTEMPTS = 3
-
-
-def _stop_in_round(
-    start: Callable[[], subprocess.Popen], out_dir: Path, server_round: int, number: int, before: set[int]
-) -> str:
-    """Start a run, send it signal ``number`` once ``server_round`` is written, and check: within 10 s nothing the
-    run started is left, and once it is gone nothing writes into its directory any more. Returns its stderr.
-
-    The tiny runs' rounds take seconds, so on a loaded machine a run can finish before the signal lands. Such an
-    attempt tests nothing: the directory is put back as it was and the run started again.
-    """
-    saved = out_dir.with_name(out_dir.name + ".before-start")
-    if out_dir.exists():
-        shutil.copytree(out_dir, saved)
-    for _ in range(STOP_ATTEMPTS):
-        process = start()
-        _wait_for_round(process, out_dir, server_round)
-        process.send_signal(number)
-        _, stderr = process.communicate(timeout=60)
-        if not (out_dir / "summary.json").exists():
-            break
-        shutil.rmtree(out_dir)
-        if saved.exists():
-            shutil.copytree(saved, out_dir)
-    else:
-        pytest.fail(f"each of {STOP_ATTEMPTS} runs finished before signal {number} reached it")
+def _signal_and_check(process: subprocess.Popen, out_dir: Path, number: int, before: set[int]) -> str:
+    """Send the signal: within 10 s nothing the run started may be left, and once it is gone nothing may write
+    into the run's directory any more."""
+    process.send_signal(number)
+    _, stderr = process.communicate(timeout=60)
     deadline = time.monotonic() + 10
     while flower_processes() - before and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -643,19 +618,33 @@ def _stop_in_round(
     return stderr
 
 
+@pytest.fixture
+def interruptible() -> Iterator[None]:
+    """Runs started meanwhile take Ctrl-C as a user's would. A shell without job control starts a background
+    command (``make test &``) with SIGINT ignored, and every process started below it inherits that; a process
+    inherits a handler only as the default action, which Python turns into KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.starts(3)
+@pytest.mark.usefixtures("interruptible")
 def test_interrupted_and_killed_runs_stop_everything_and_resume_bit_for_bit(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, federation_runs: dict[str, Path]
 ) -> None:
     """Ctrl-C after round 0, resume, kill -9 in round 1 or 2, resume: the same files as the uninterrupted run."""
     before = flower_processes()
     out_dir = tmp_path / "run"
-    start = functools.partial(_start, out_dir, tiny_bert, sentiment_csv, *federation_run_arguments("fedsvd"))
-    stderr = _stop_in_round(start, out_dir, 0, signal.SIGINT, before)
+    process = _start(out_dir, tiny_bert, sentiment_csv, *federation_run_arguments("fedsvd"))
+    _wait_for_round(process, out_dir, 0)
+    stderr = _signal_and_check(process, out_dir, signal.SIGINT, before)
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert f"fedsvd run --resume {out_dir}" in stderr
 
-    _stop_in_round(functools.partial(_resume, out_dir), out_dir, 1, signal.SIGKILL, before)
+    resumed = _resume(out_dir)
+    _wait_for_round(resumed, out_dir, 1)
+    _signal_and_check(resumed, out_dir, signal.SIGKILL, before)
     assert not (out_dir / "summary.json").exists()
 
     finished = _resume(out_dir)
@@ -680,8 +669,9 @@ def test_a_closed_terminal_stops_everything_and_leaves_a_resumable_run(
 ) -> None:
     before = flower_processes()
     out_dir = tmp_path / "run"
-    start = functools.partial(_start, out_dir, tiny_bert, sentiment_csv, "--set", "rounds=3")
-    stderr = _stop_in_round(start, out_dir, 0, signal.SIGHUP, before)
+    process = _start(out_dir, tiny_bert, sentiment_csv, "--set", "rounds=3")
+    _wait_for_round(process, out_dir, 0)
+    stderr = _signal_and_check(process, out_dir, signal.SIGHUP, before)
     assert "Traceback" not in stderr and "continue with: fedsvd run --resume" in stderr
     assert (out_dir / "checkpoint.safetensors").is_file() and not (out_dir / "summary.json").exists()
 
