@@ -169,11 +169,8 @@ def _check_cluster_fits(cfg: ExperimentConfig, address: str, key: str) -> None:
     has the CPUs and GPUs for. Costs a short connection to the cluster as a driver."""
     import ray
 
-    with warnings.catch_warnings():  # Ray's notices about its future defaults say nothing about this check
-        warnings.simplefilter("ignore")
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, configure_logging=False)
     try:
-        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        nodes = _join_cluster(address, key)
     finally:
         ray.shutdown()
     if not any(r.get("CPU", 0) >= cfg.client_cpus and r.get("GPU", 0) >= cfg.client_gpus for r in nodes):
@@ -184,6 +181,19 @@ def _check_cluster_fits(cfg: ExperimentConfig, address: str, key: str) -> None:
             f"{key} = {address!r} has that many (at most {cpus:g} CPUs and {gpus:g} GPUs on one node); Ray would "
             "never schedule a client"
         )
+
+
+def _join_cluster(address: str, key: str) -> list[dict[str, float]]:
+    """Join the Ray cluster at ``address`` as a driver; returns every live node's resources."""
+    import ray
+
+    with warnings.catch_warnings():  # Ray's notices about its future defaults say nothing here
+        warnings.simplefilter("ignore")
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, configure_logging=False)
+        except ConnectionError as err:
+            raise ConfigError(f"{key} = {address!r}: no Ray cluster to join ({str(err).splitlines()[0]})") from None
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
 def _check_batch_size(cfg: ExperimentConfig, plans: Sequence[ClientPlan]) -> None:
@@ -367,25 +377,25 @@ def _check_comparison_dir(out_dir: Path, comparison: Comparison, resume: bool) -
         raise ConfigError(f"--out {str(out_dir)!r} is not empty and holds no comparison; choose another directory")
 
 
-def _cores_to_share(parallel: int, configs: Sequence[ExperimentConfig]) -> int | None:
-    """CPUs for each simulation's private Ray when several run at once (None: one at a time, all the cores)."""
+def _grid_ray(parallel: int, configs: Sequence[ExperimentConfig]) -> tuple[str, str] | None:
+    """The Ray that the simulations of a grid run side by side on, and the key that named it (None: one at a time,
+    each on the Ray its config names)."""
     if parallel == 1:
         return None
-    joined = sorted({address for cfg in configs if (address := ray_address(cfg, os.environ)) != "local"})
-    if joined:
-        key = "ray_address" if any(cfg.ray_address for cfg in configs) else "RAY_ADDRESS"
+    addresses = sorted({ray_address(cfg, os.environ) for cfg in configs})
+    key = "ray_address" if any(cfg.ray_address for cfg in configs) else "RAY_ADDRESS"
+    if len(addresses) > 1:
         raise ConfigError(
-            f"--jobs {parallel} is not allowed with a Ray cluster ({key} = {joined[0]!r}): Flower sizes each "
-            "simulation's client pool to the whole cluster, so simulations started together would wait on each "
-            "other's clients; use --jobs 1 there"
+            f"--jobs {parallel} is not allowed: the runs name different Rays ({key} = "
+            f"{', '.join(map(repr, addresses))}); give them one, or use --jobs 1"
         )
-    return os.cpu_count() or 1
+    return addresses[0], key
 
 
 def command_compare(args: argparse.Namespace) -> int:
-    from fedsvd.grid import GridJob, local_ray_cpus, run_grid
+    from fedsvd.grid import ClusterShare, GridJob, cluster_share, local_ray_cpus, run_grid
     from fedsvd.report import COMPARISON_JSON, SUMMARY_MD, render
-    from fedsvd.simulation import run_simulation
+    from fedsvd.simulation import run_simulation, run_simulation_on_cluster
 
     try:
         if args.jobs < 1:
@@ -395,9 +405,21 @@ def command_compare(args: argparse.Namespace) -> int:
         _check_comparison_dir(out_dir, comparison, args.resume)
         _check_out_dir(out_dir, "--out")
         grid = [(run, seed, comparison.config(run, seed)) for seed in comparison.seeds for run in comparison.runs]
-        cores = _cores_to_share(args.jobs, [cfg for _, _, cfg in grid])
+        side_by_side = _grid_ray(args.jobs, [cfg for _, _, cfg in grid])
         for _, _, cfg in grid:
             preflight(cfg)
+        cores: int | None = None
+        share: ClusterShare | None = None
+        if side_by_side is not None and side_by_side[0] == "local":
+            cores = os.cpu_count() or 1
+        elif side_by_side is not None:
+            # Joined for the whole grid: each simulation becomes a task of this driver.
+            share = cluster_share(
+                _join_cluster(*side_by_side),
+                args.jobs,
+                max(cfg.client_cpus for _, _, cfg in grid),
+                max(cfg.client_gpus for _, _, cfg in grid),
+            )
     except USER_ERRORS as err:
         return _fail(str(err))
 
@@ -429,6 +451,13 @@ def command_compare(args: argparse.Namespace) -> int:
                 else ""
             )
         )
+    if share is not None:
+        assert side_by_side is not None
+        print(
+            f"up to {args.jobs} simulations at once on the Ray cluster at {side_by_side[0]}, each a task holding "
+            f"CPUs: {share.cpus}, GPUs: {share.gpus} of one node, with a private Ray there; results go straight "
+            f"to {out_dir}, which every node must see"
+        )
 
     def start(job: GridJob, cancelled: threading.Event) -> bool:
         resume = (job.directory / CHECKPOINT_FILE).is_file()
@@ -437,9 +466,15 @@ def command_compare(args: argparse.Namespace) -> int:
             job.directory.rename(job.directory.with_name(f"{job.directory.name}.incomplete-{_stamp()}"))
         print(f"{job.label}: {job.cfg.method}, {job.cfg.rounds} rounds" + (", resumed" if resume else ""), flush=True)
         # Lines of simulations running side by side interleave: none is rewritten in place then.
+        cfg = job.cfg.replace(out_dir=str(job.directory), resume=resume)
         with _Console(prefix=f"  {job.run_name} s{job.seed} | ", rewritable=args.jobs == 1) as console:
+            if share is not None:
+                return run_simulation_on_cluster(
+                    cfg, job.directory, console.round, console.waiting, cpus=share.cpus, gpus=share.gpus,
+                    cancelled=cancelled,
+                )  # fmt: skip
             return run_simulation(
-                job.cfg.replace(out_dir=str(job.directory), resume=resume),
+                cfg,
                 job.directory,
                 console.round,
                 console.waiting,

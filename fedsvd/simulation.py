@@ -45,6 +45,10 @@ FLOWER_LOG = "flower.log"
 SUPERLINK_START_TIMEOUT_S = 60.0
 # Restarts of a federation whose client workers died, before the run is given up.
 MAX_RESTARTS = 3
+# How often a simulation running on a Ray cluster is looked in on, and how long a cancelled one gets to stop its
+# processes before its worker is killed.
+CLUSTER_POLL_S = 0.5
+CLUSTER_CANCEL_GRACE_S = 60.0
 
 
 def ray_address(cfg: ExperimentConfig, environ: Mapping[str, str]) -> str:
@@ -143,6 +147,16 @@ class _ProgressFollower:
         self.stage: tuple[object, object] | None = None
         self.stage_since = time.monotonic()
 
+    @classmethod
+    def of(
+        cls, cfg: ExperimentConfig, out_dir: Path, show: Callable[[dict], None], waiting: Callable[[str], None] | None
+    ) -> _ProgressFollower:
+        """A follower of the run ``cfg`` writes into ``out_dir``; a resumed run's earlier rounds count as shown."""
+        follower = cls(out_dir, show, waiting)
+        if cfg.resume:
+            follower.shown_up_to = ServerState.load(out_dir).completed_round
+        return follower
+
     def poll(self) -> None:
         for row in read_metrics(self.out_dir):
             if row["round"] > self.shown_up_to:
@@ -167,13 +181,14 @@ def run_simulation(
     waiting: Callable[[str], None] | None = None,
     *,
     ray_cpus: int | None = None,
+    ray_gpus: int | None = None,
     cancelled: threading.Event | None = None,
 ) -> bool:
     """Run one federation (or continue it, with ``cfg.resume``); True if the server finished and wrote its
     summary. ``show`` gets every round's metrics row, ``waiting`` a line on what a round is waiting for.
 
-    ``ray_cpus`` caps the CPUs a private local Ray offers (by default all of this machine's), so that several
-    simulations can share a machine; ``cancelled`` stops the run, with all its processes, within a poll.
+    ``ray_cpus`` and ``ray_gpus`` cap what a private local Ray offers (by default all of this machine's), so that
+    several simulations can share a machine; ``cancelled`` stops the run, with all its processes, within a poll.
 
     Clients keep their state under the results, so that a resumed run finds it. When a client worker dies,
     the server ends the attempt at a checkpointed round and asks for a restart: the federation is then started
@@ -182,12 +197,10 @@ def run_simulation(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.replace(out_dir=str(out_dir), client_state_dir=str(out_dir / CLIENT_STATE_DIR))
-    follower = _ProgressFollower(out_dir, show, waiting)
+    follower = _ProgressFollower.of(cfg, out_dir, show, waiting)
     cancelled = cancelled or threading.Event()
-    if cfg.resume:
-        follower.shown_up_to = ServerState.load(out_dir).completed_round
     for _ in range(MAX_RESTARTS + 1):
-        _run_once(cfg, out_dir, follower, ray_cpus, cancelled)
+        _run_once(cfg, out_dir, follower, (ray_cpus, ray_gpus), cancelled)
         request = out_dir / RESTART_FILE
         if (out_dir / SUMMARY_JSON).exists() or not request.exists() or cancelled.is_set():
             break
@@ -198,8 +211,61 @@ def run_simulation(
     return (out_dir / SUMMARY_JSON).exists()
 
 
+def run_simulation_on_cluster(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    show: Callable[[dict], None],
+    waiting: Callable[[str], None] | None = None,
+    *,
+    cpus: int,
+    gpus: int,
+    cancelled: threading.Event,
+) -> bool:
+    """``run_simulation`` as a task on the Ray cluster this process has joined (``ray.init``).
+
+    The task holds ``cpus`` CPUs and ``gpus`` GPUs of one node and runs the whole federation there on a private
+    Ray of exactly those. Simulations joining the cluster itself would not do: Flower sizes each one's client
+    pool to the whole cluster, so two started together wait forever on clients the other holds. The node writes
+    into ``out_dir``, which must be on a filesystem the nodes share; progress is followed here, from its files.
+    """
+    import ray
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = ray.remote(_simulate_on_node).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+    done = task.remote(cfg, out_dir, cpus, gpus)
+    follower = _ProgressFollower.of(cfg, out_dir, show, waiting)
+    while not ray.wait([done], timeout=CLUSTER_POLL_S)[0]:
+        follower.poll()
+        if cancelled.is_set():
+            # A KeyboardInterrupt in the task: the federation stops its processes on its way out.
+            ray.cancel(done)
+            if not ray.wait([done], timeout=CLUSTER_CANCEL_GRACE_S)[0]:
+                ray.cancel(done, force=True)  # its watchdog then stops what it had started
+            return False
+    follower.poll()
+    try:
+        return bool(ray.get(done))
+    except ray.exceptions.RayTaskError as err:
+        raise RuntimeError(f"on the Ray cluster: {err.cause}") from None
+
+
+def _simulate_on_node(cfg: ExperimentConfig, out_dir: Path, cpus: int, gpus: int) -> bool:
+    """The task of ``run_simulation_on_cluster``, on the node Ray chose."""
+    if not out_dir.is_dir():
+        raise RuntimeError(
+            f"{out_dir} does not exist on node {socket.gethostname()}: simulations on a Ray cluster write their "
+            "results there, so it must be on a filesystem every node shares"
+        )
+    # 'local': a private Ray even on a node where the cluster's own was started with `ray start`.
+    return run_simulation(cfg.replace(ray_address="local"), out_dir, lambda row: None, ray_cpus=cpus, ray_gpus=gpus)
+
+
 def _run_once(
-    cfg: ExperimentConfig, out_dir: Path, follower: _ProgressFollower, ray_cpus: int | None, cancelled: threading.Event
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    follower: _ProgressFollower,
+    ray_resources: tuple[int | None, int | None],
+    cancelled: threading.Event,
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="fedsvd-flwr-") as tmp:
         flwr_home = Path(tmp)
@@ -210,10 +276,12 @@ def _run_once(
         run_config = flwr_home / "run-config.toml"
         run_config.write_text(cfg.to_toml())
         env = flower_environment(flwr_home, cfg)
-        federation = (
-            f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cfg.client_cpus} "
-            f"client-resources-num-gpus={cfg.client_gpus}" + (f" init-args-num-cpus={ray_cpus}" if ray_cpus else "")
+        federation = f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cfg.client_cpus} " + (
+            f"client-resources-num-gpus={cfg.client_gpus}"
         )
+        for resource, amount in zip(("cpus", "gpus"), ray_resources, strict=True):
+            if amount is not None:
+                federation += f" init-args-num-{resource}={amount}"
         with open(out_dir / FLOWER_LOG, "ab") as log:
             pid_file = flwr_home / "started.pids"
             superlink = subprocess.Popen(

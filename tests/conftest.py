@@ -30,6 +30,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
+from fedsvd.results import read_metrics
+
 POSITIVE = ("good", "great", "fine", "lovely", "superb")
 NEGATIVE = ("bad", "awful", "poor", "dull", "weak")
 FILLER = ("the", "film", "was", "a", "plot", "and", "acting", "story", "movie", "of")
@@ -183,6 +185,11 @@ def write_comparison(
         lines += ["[[runs]]", f'name = "{name}"', *(f"{k} = {json.dumps(v)}" for k, v in {**method, **keys}.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def timeless_rows(out_dir: Path) -> list[dict]:
+    """A run's metrics rows without how long each round took: what two runs of the same settings share."""
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in read_metrics(out_dir)]
 
 
 def run_comparison(spec: Path, out_dir: Path, *arguments: str) -> subprocess.CompletedProcess:

@@ -30,6 +30,7 @@ from conftest import (
     flower_processes,
     run_fedsvd,
     started_by_this_worker,
+    timeless_rows,
 )
 from dp_accounting import dp_event, rdp
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -575,10 +576,6 @@ def test_results_are_never_truncated_and_a_resume_drops_rows_past_its_checkpoint
 # --- real federations, killed ---------------------------------------------------------------------------
 
 
-def _rows(out_dir: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(out_dir)]
-
-
 def _start(out_dir: Path, tiny_bert: Path, sentiment_csv: Path, *arguments: str) -> subprocess.Popen:
     command = fedsvd_command(out_dir, tiny_bert, sentiment_csv, *arguments)
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -651,7 +648,7 @@ def test_interrupted_and_killed_runs_stop_everything_and_resume_bit_for_bit(
     stdout, stderr = finished.communicate(timeout=600)
     assert finished.returncode == 0, stdout + stderr
     reference = federation_runs["fedsvd"]
-    assert _rows(out_dir) == _rows(reference)
+    assert timeless_rows(out_dir) == timeless_rows(reference)
     adapter, expected = (
         load_file(str(out_dir / "adapter.safetensors")),
         load_file(str(reference / "adapter.safetensors")),

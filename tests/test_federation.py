@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLIENTS, ROOT, ROUNDS, flower_processes, run_comparison, run_fedsvd, write_comparison
+from conftest import (
+    CLIENTS,
+    ROOT,
+    ROUNDS,
+    flower_processes,
+    run_comparison,
+    run_fedsvd,
+    write_comparison,
+)
 from dp_accounting import dp_event, rdp
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -28,11 +36,6 @@ def runs(federation_runs: dict[str, Path]) -> dict[str, Path]:
 
 def _rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _timeless_rows(out_dir: Path) -> list[dict]:
-    """A run's metrics without how long each round took."""
-    return [{key: value for key, value in row.items() if key != "seconds"} for row in _rows(out_dir)]
 
 
 @pytest.mark.parametrize("method", ["fedsvd", "ffa", "fedavg"])
@@ -190,30 +193,22 @@ def test_client_level_dp_with_poisson_sampling_is_accounted_every_round(
     assert sum("client eps" in line for line in result.stdout.splitlines()) == 4
 
 
-@pytest.mark.starts(5)
+@pytest.mark.starts(4)
 def test_compare_runs_the_other_four_methods_by_their_rules(
-    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path, federation_runs: dict[str, Path]
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
 ) -> None:
     """`fedsvd compare` (one simulation at a time) over real simulations of FedSA-LoRA, RoLoRA, FLoRA and
-    FedEx-LoRA, then resume and report; and a FedSVD run identical to the shared one, made two at a time."""
+    FedEx-LoRA, then resume and report."""
     before = flower_processes()
     methods = ["fedsa", "rolora", "flora", "fedex"]
-    # The shared FedSVD run holds out no local slices; FedSA-LoRA needs them, so the others here hold them out too.
-    grid = {**{method: {} for method in methods}, "fedsvd": {"local_eval_fraction": 0.0}}
+    grid = {method: {} for method in methods}
+    # FedSA-LoRA needs local held-out slices; the others hold them out too, so that all draw the same clients.
     spec = write_comparison(tmp_path / "compare.toml", tiny_bert, sentiment_csv, grid, local_eval_fraction=0.1)
     out = tmp_path / "out"
     result = run_comparison(spec, out, "--jobs", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert flower_processes() <= before, "the comparison left Flower or Ray processes behind"
     runs = {method: out / method / "seed-0" for method in methods}
-
-    parallel, alone = federation_runs["fedsvd"], out / "fedsvd" / "seed-0"
-    assert _timeless_rows(alone) == _timeless_rows(parallel), "--jobs 2 and --jobs 1 compute the same rounds"
-    adapters = [load_file(str(run / "adapter.safetensors")) for run in (alone, parallel)]
-    assert adapters[0].keys() == adapters[1].keys() and all(
-        torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0]
-    )
-    assert (alone / "privacy.json").read_bytes() == (parallel / "privacy.json").read_bytes()
 
     sequences = {method: [row["clients"] for row in _rows(directory)] for method, directory in runs.items()}
     assert len({json.dumps(sequence) for sequence in sequences.values()}) == 1, sequences

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedsvd.config import ExperimentConfig
-from fedsvd.grid import GridJob, local_ray_cpus, run_grid
+from fedsvd.grid import ClusterShare, GridJob, cluster_share, local_ray_cpus, run_grid
 
 
 def _jobs(count: int) -> list[GridJob]:
@@ -81,3 +81,23 @@ def test_each_private_ray_gets_an_equal_share_of_the_cores_but_never_less_than_a
     assert local_ray_cpus(parallel=4, cores=16, client_cpus=2) == 4
     assert local_ray_cpus(parallel=3, cores=16, client_cpus=2) == 5
     assert local_ray_cpus(parallel=2, cores=2, client_cpus=2) == 2
+
+
+def test_each_simulation_on_a_cluster_holds_an_equal_share_that_one_node_can_host() -> None:
+    two_nodes = [{"CPU": 16, "GPU": 2}, {"CPU": 8}]
+    # CPUs: 24 / 4 = 6 each; no GPUs asked for, none held.
+    assert cluster_share(two_nodes, parallel=4, client_cpus=1, client_gpus=0) == ClusterShare(6, 0)
+    # 24 / 2 = 12, which the 16-CPU node holds.
+    assert cluster_share(two_nodes, parallel=2, client_cpus=1, client_gpus=0) == ClusterShare(12, 0)
+    # One simulation may not span nodes: at most the largest node's 16 CPUs.
+    assert cluster_share(two_nodes, parallel=1, client_cpus=1, client_gpus=0) == ClusterShare(16, 0)
+    # Never less than one client asks for.
+    assert cluster_share(two_nodes, parallel=8, client_cpus=4, client_gpus=0) == ClusterShare(4, 0)
+    # Clients on GPUs: whole GPUs (2 / 2 = 1 each), CPUs capped by the nodes that have them.
+    assert cluster_share(two_nodes, parallel=2, client_cpus=1, client_gpus=0.25) == ClusterShare(12, 1)
+    assert cluster_share(two_nodes, parallel=1, client_cpus=1, client_gpus=0.25) == ClusterShare(16, 2)
+    # Fewer GPUs than simulations: each still holds one, and Ray runs the rest as GPUs come free.
+    assert cluster_share(two_nodes, parallel=4, client_cpus=1, client_gpus=0.5) == ClusterShare(6, 1)
+    # A GPU node of few CPUs: the share's CPUs are what it has, though a CPU-only node has more.
+    gpu_node_and_cpu_node = [{"CPU": 4, "GPU": 4}, {"CPU": 64}]
+    assert cluster_share(gpu_node_and_cpu_node, parallel=2, client_cpus=1, client_gpus=1) == ClusterShare(4, 2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -16,13 +15,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from conftest import ROUNDS, run_comparison, timeless_rows, write_comparison
+from safetensors.torch import load_file
 
 from fedsvd.config import ExperimentConfig
 from fedsvd.simulation import ray_address, stop_process_trees
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-ROUNDS = 2
 HEAD_START_TIMEOUT_S = 90.0
 
 
@@ -89,39 +90,57 @@ def test_ray_address_comes_from_the_config_then_the_environment_then_a_private_l
     assert ray_address(cfg, {"RAY_ADDRESS": ""}) == ray_address(cfg, {}) == "local"
 
 
-@pytest.mark.starts(1.5)
-def test_simulation_joins_a_running_ray_cluster(tmp_path: Path, tiny_bert: Path, sentiment_csv: Path) -> None:
+@pytest.mark.starts(3)
+def test_simulations_join_a_running_ray_cluster_one_or_two_at_a_time(
+    tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
+) -> None:
+    """With `--jobs 1` a simulation joins the cluster itself; with `--jobs 2` two run on it at once, each a task on
+    a node with a private Ray there. The same (run, seed) computes the same rounds and adapter either way."""
     # Short: Ray's unix socket paths live below this directory and must stay under ~100 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="fedsvd-ray-", dir="/tmp"))
     started: set[int] = set()
     try:
         with ray_head(temp_dir) as (address, head):
             started = process_tree(head)
-            command = [sys.executable, "-m", "fedsvd.cli", "run", "--out", str(tmp_path / "out")]
-            for key, value in {
-                "model": tiny_bert, "dataset": sentiment_csv, "num_clients": 2, "rounds": ROUNDS, "local_steps": 3,
-                "delta": 1e-3, "epsilon": 4, "client_cpus": 1, "ray_address": address,
-            }.items():  # fmt: skip
-                command += ["--set", f"{key}={value}"]
+            settings = {"client_cpus": 1, "ray_address": address}
             env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
             # A client no node of the cluster can host would wait forever: refused before anything starts.
-            too_big = subprocess.run([*command, "--set", "client_cpus=3"], cwd=ROOT, env=env, capture_output=True,
-                                     text=True, timeout=120)  # fmt: skip
+            command = [sys.executable, "-m", "fedsvd.cli", "run", "--out", str(tmp_path / "none"), "--set",
+                       f"ray_address={address}", "--set", "client_cpus=3"]  # fmt: skip
+            too_big = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
             assert too_big.returncode == 2 and len(too_big.stderr.strip().splitlines()) == 1, too_big.stderr
             assert "client_cpus = 3, client_gpus = 0: no node of the Ray cluster" in too_big.stderr
-            assert not (tmp_path / "out").exists()
-            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-            assert result.returncode == 0, result.stdout + result.stderr
+            assert not (tmp_path / "none").exists()
 
-            rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+            spec = write_comparison(tmp_path / "one.toml", tiny_bert, sentiment_csv, {"fedsvd": {}}, **settings)
+            joined = run_comparison(spec, tmp_path / "joined", "--jobs", "1")
+            assert joined.returncode == 0, joined.stdout + joined.stderr
+            alone = tmp_path / "joined" / "fedsvd" / "seed-0"
+            rows = timeless_rows(alone)
             assert [row["round"] for row in rows] == list(range(ROUNDS + 1))
-            assert all(row["clients"] == [0, 1] and 0 < row["epsilon_max"] <= 4 + 1e-6 for row in rows[1:])
+            assert all(len(row["clients"]) == 2 and 0 < row["epsilon_max"] <= 4 + 1e-6 for row in rows[1:])
             # The simulation's driver and its client actors ran on this cluster: Ray logs them in its session.
             logs = temp_dir / "session_latest" / "logs"
             assert list(logs.glob("python-core-driver-*.log")), "the simulation did not connect to the cluster"
-            assert list(logs.glob("python-core-worker-*.log")), "no client actor ran on the cluster"
-            # Joining a cluster must not stop it: the run only stops what it started itself.
-            assert len(survivors(started)) == len(started), "the run stopped (part of) the cluster it joined"
+            workers = set(logs.glob("python-core-worker-*.log"))
+            assert workers, "no client actor ran on the cluster"
+
+            spec = write_comparison(tmp_path / "two.toml", tiny_bert, sentiment_csv, {"fedsvd": {}, "ffa": {}},
+                                    **settings)  # fmt: skip
+            grid = run_comparison(spec, tmp_path / "grid", "--jobs", "2")
+            assert grid.returncode == 0, grid.stdout + grid.stderr
+            assert "at once on the Ray cluster at" in grid.stdout and "CPUs: 1, GPUs: 0" in grid.stdout, grid.stdout
+            assert set(logs.glob("python-core-worker-*.log")) - workers, "no simulation ran as a task of the cluster"
+            progress = [line.split(" | ")[0].split()[0] for line in grid.stdout.splitlines() if " s0 | round " in line]
+            assert sorted(progress) == ["fedsvd"] * (ROUNDS + 1) + ["ffa"] * (ROUNDS + 1), grid.stdout
+            assert progress != sorted(progress) and progress != sorted(progress, reverse=True), "not side by side"
+            side_by_side = tmp_path / "grid" / "fedsvd" / "seed-0"
+            assert timeless_rows(side_by_side) == rows, "--jobs 2 and --jobs 1 compute the same rounds"
+            adapters = [load_file(str(run / "adapter.safetensors")) for run in (alone, side_by_side)]
+            assert adapters[0].keys() == adapters[1].keys()
+            assert all(torch.equal(adapters[0][key], adapters[1][key]) for key in adapters[0])
+            # Joining a cluster must not stop it: the runs only stop what they started themselves.
+            assert len(survivors(started)) == len(started), "a run stopped (part of) the cluster it joined"
             started |= process_tree(head)
         assert not survivors(started), "the Ray head left processes behind"
     finally:
