@@ -196,9 +196,15 @@ CASES = [
     pytest.param(lambda setup: setup.compare(_under_a_file(setup)), "taken", id="compare-out-under-a-file"),
     pytest.param(lambda setup: setup.compare(None, "--jobs", "0"), "--jobs 0", id="compare-no-jobs"),
     pytest.param(
-        lambda setup: setup.compare(None, "--jobs", "2", settings='ray_address = "auto"\n'),
-        "ray_address = 'auto': no Ray cluster to join",
-        id="compare-jobs-on-no-cluster",
+        # Run "b" on a private Ray, run "a" on the cluster the settings name: no one Ray to run both side by side.
+        lambda setup: setup.compare(
+            None,
+            "--jobs",
+            "2",
+            settings='ray_address = "127.0.0.1:6379"\n[[runs]]\nname = "b"\nray_address = "local"\n',
+        ),
+        "the runs name different Rays (ray_address = '127.0.0.1:6379', 'local')",
+        id="compare-jobs-on-two-rays",
     ),
     # Data files.
     pytest.param(lambda setup: setup.run("--set", f"dataset={setup.root / 'none.csv'}"), "none.csv", id="data-missing"),

@@ -157,29 +157,22 @@ def weighted_mean(updates: Sequence[ClientUpdate]) -> ArrayDict:
     ValueError
         If there are no updates, a count is non-positive, or key sets or shapes differ (naming the key).
     """
-    weights = example_weights(updates)
-    reference = updates[0].arrays
-    for index, update in enumerate(updates[1:], start=1):
-        missing = reference.keys() - update.arrays.keys()
-        extra = update.arrays.keys() - reference.keys()
-        if missing or extra:
-            raise ValueError(
-                f"update {index} uploads different keys than update 0: "
-                f"missing {sorted(missing)}, unexpected {sorted(extra)}"
-            )
-        for key, array in update.arrays.items():
-            if array.shape != reference[key].shape:
-                raise ValueError(
-                    f"shape mismatch for {key!r}: update {index} has {tuple(array.shape)}, "
-                    f"update 0 has {tuple(reference[key].shape)}"
-                )
-    mean: ArrayDict = {}
-    for key in reference:
-        total = torch.zeros(reference[key].shape, dtype=torch.float64, device=reference[key].device)
-        for weight, update in zip(weights.tolist(), updates, strict=True):
-            total += weight * update.arrays[key].to(torch.float64)
-        mean[key] = total.to(torch.float32)
-    return mean
+    return _sweep(updates, None, average=True)[0]
+
+
+def mean_and_change_norms(
+    sent: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+) -> tuple[ArrayDict, list[float]]:
+    """``weighted_mean(updates)`` and ``change_norms(sent, updates)``, bit for bit, in one pass over the uploads:
+    each array is measured while the mean still holds it in cache, so checking a round costs little more than
+    averaging it (two passes over 30 clients' uploads cost twice the memory traffic).
+
+    Raises
+    ------
+    ValueError
+        As ``weighted_mean``.
+    """
+    return _sweep(updates, sent, average=True)
 
 
 def mean_of_products(updates: Sequence[ClientUpdate], a_key: str, b_key: str) -> torch.Tensor:
@@ -243,7 +236,13 @@ class FederatedLoraMethod(ABC):
             if not is_base_weight(key) and ((factor := factor_of(key)) is None or factor in trained)
         }
 
-    def aggregate(self, global_arrays: ArrayDict, updates: Sequence[ClientUpdate], server_round: int) -> ArrayDict:
+    def aggregate(
+        self,
+        global_arrays: ArrayDict,
+        updates: Sequence[ClientUpdate],
+        server_round: int,
+        mean: Mapping[str, torch.Tensor] | None = None,
+    ) -> ArrayDict:
         """Combine this round's uploads into the next global arrays.
 
         Parameters
@@ -254,6 +253,9 @@ class FederatedLoraMethod(ABC):
             One upload per client, each carrying exactly ``uplink_keys(global_arrays, server_round)``.
         server_round
             The round, counted from 1 as in Flower.
+        mean
+            ``weighted_mean(updates)``, where the caller has it already (``mean_and_change_norms``); otherwise it
+            is computed here.
 
         Returns
         -------
@@ -267,7 +269,8 @@ class FederatedLoraMethod(ABC):
         """
         for index, update in enumerate(updates):
             self._check_keys(global_arrays, update.arrays, server_round, f"update {index}")
-        return self._after_average(self._with(global_arrays, weighted_mean(updates)), updates, server_round)
+        average = weighted_mean(updates) if mean is None else mean
+        return self._after_average(self._with(global_arrays, average), updates, server_round)
 
     def aggregate_noised(self, global_arrays: ArrayDict, noised: ArrayDict, server_round: int) -> ArrayDict:
         """The next global arrays from the privatised average of this round's uploads (client-level DP,
@@ -327,18 +330,61 @@ UPDATE_NORM_BOUND = 10.0
 def change_norms(sent: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> list[float]:
     """The norm of each upload's change (upload minus what was sent, over all its arrays as one vector).
 
-    One pass over the uploads, key by key: the sent array stays in cache while every client's is read, and the
-    difference goes into one scratch buffer per key (a round of 30 clients' changes kept at once would be
-    gigabytes). NaN or infinity in an upload makes its norm non-finite, and so does a change too large for its
-    dtype: the caller tells the two apart (``all_finite``) and scales such a change to nothing.
+    NaN or infinity in an upload makes its norm non-finite, and so does a change too large for its dtype: the
+    caller tells the two apart (``all_finite``) and scales such a change to nothing.
     """
+    return _sweep(updates, sent, average=False)[1]
+
+
+def _sweep(
+    updates: Sequence[ClientUpdate], sent: Mapping[str, torch.Tensor] | None, average: bool
+) -> tuple[ArrayDict, list[float]]:
+    """One pass over the uploads, key by key and client by client: the mean when ``average``, and each upload's
+    change norm when ``sent`` is given.
+
+    Scratch buffers, one set per key, take every intermediate, so the pass allocates nothing per client (at 30
+    clients, fresh temporaries cost as much as the arithmetic) and keeps the arithmetic of the plain
+    expressions: ``sum_k p_k * float64(u_k)`` for the mean, the float32 ``u_k - sent`` for a change.
+    """
+    weights = example_weights(updates).tolist() if average else [0.0] * len(updates)
+    reference = updates[0].arrays if updates else {}
+    if average:
+        _check_same_arrays(updates)
+    mean: ArrayDict = {}
     squares = [0.0] * len(updates)
-    for key in updates[0].arrays if updates else ():
-        scratch = torch.empty_like(sent[key])
-        for index, update in enumerate(updates):
-            torch.sub(update.arrays[key], sent[key], out=scratch)
-            squares[index] += float(torch.linalg.vector_norm(scratch)) ** 2
-    return [math.sqrt(square) for square in squares]
+    for key, first in reference.items():
+        change = torch.empty_like(sent[key]) if sent is not None else None
+        scaled = torch.empty(first.shape, dtype=torch.float64, device=first.device) if average else None
+        total = torch.zeros(first.shape, dtype=torch.float64, device=first.device) if average else None
+        for index, (weight, update) in enumerate(zip(weights, updates, strict=True)):
+            array = update.arrays[key]
+            if change is not None:
+                assert sent is not None
+                torch.sub(array, sent[key], out=change)
+                squares[index] += float(torch.linalg.vector_norm(change)) ** 2
+            if scaled is not None and total is not None:
+                total.add_(scaled.copy_(array).mul_(weight))
+        if total is not None:
+            mean[key] = total.to(torch.float32)
+    return mean, [math.sqrt(square) for square in squares]
+
+
+def _check_same_arrays(updates: Sequence[ClientUpdate]) -> None:
+    reference = updates[0].arrays
+    for index, update in enumerate(updates[1:], start=1):
+        missing = reference.keys() - update.arrays.keys()
+        extra = update.arrays.keys() - reference.keys()
+        if missing or extra:
+            raise ValueError(
+                f"update {index} uploads different keys than update 0: "
+                f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        for key, array in update.arrays.items():
+            if array.shape != reference[key].shape:
+                raise ValueError(
+                    f"shape mismatch for {key!r}: update {index} has {tuple(array.shape)}, "
+                    f"update 0 has {tuple(reference[key].shape)}"
+                )
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
