@@ -18,10 +18,15 @@ import csv
 import json
 import os
 import random
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from fedsvd.results import read_metrics
+from fedsvd.simulation import stop_process_trees
 
 POSITIVE = ("good", "great", "fine", "lovely", "superb")
 NEGATIVE = ("bad", "awful", "poor", "dull", "weak")
@@ -85,6 +91,7 @@ def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS, CLIENTS = 2, 3
+RAY_HEAD_START_TIMEOUT_S = 90.0
 # The settings every real federation of the tests shares (tiny model and data, DP at epsilon 4). Every client asks
 # for all the cores, so that each federation has one Ray client worker: a worker costs about 12 s of CPU to import
 # torch, transformers and peft, and the tiny clients' training is over in well under a second.
@@ -96,9 +103,14 @@ FEDERATION_RUN_METHODS = ("fedsvd", "ffa", "fedavg")
 
 
 # Fixtures that make a federation once for many tests: each test that uses one goes to the xdist worker of its group.
-SHARED_FEDERATION_GROUPS = {"federation_runs": "shared-federation-runs", "deployment": "loopback-deployment"}
+# The shared runs are made on a Ray cluster that lives as long as that worker's session.
+SHARED_FEDERATION_GROUPS = {
+    "federation_runs": "shared-federation-runs",
+    "ray_cluster": "shared-federation-runs",
+    "deployment": "loopback-deployment",
+}
 # How many federations (about a minute each) those fixtures start; tests say their own with @pytest.mark.starts(n).
-FIXTURE_STARTS = {"federation_runs": 3, "deployment": 2}
+FIXTURE_STARTS = {"federation_runs": 3, "ray_cluster": 0, "deployment": 2}
 # pytest-xdist names each worker in this variable, and every process a test starts inherits it.
 WORKER_VARIABLE = "PYTEST_XDIST_WORKER"
 
@@ -152,6 +164,22 @@ def flower_processes() -> set[int]:
     return found
 
 
+def left_behind(before: set[int]) -> set[int]:
+    """Flower and Ray processes that came since ``before`` (``flower_processes``) and stayed, but for the idle
+    workers that a Ray cluster running since then keeps for its next tasks."""
+    pools = set()
+    for pid in before:
+        with contextlib.suppress(psutil.Error):
+            if "raylet" in " ".join(psutil.Process(pid).cmdline()):
+                pools.add(pid)
+    left = set()
+    for pid in flower_processes() - before:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).ppid() not in pools:
+                left.add(pid)
+    return left
+
+
 def fedsvd_command(out_dir: Path, tiny_bert: Path, sentiment_csv: Path, *arguments: str) -> list[str]:
     """``fedsvd run`` of the tiny federation; ``arguments`` add a config file and --set overrides, which win over
     the tiny federation's own settings (the last --set of a key counts)."""
@@ -192,27 +220,120 @@ def timeless_rows(out_dir: Path) -> list[dict]:
     return [{key: value for key, value in row.items() if key != "seconds"} for row in read_metrics(out_dir)]
 
 
+def assert_same_ledger(run: Path, reference: Path) -> None:
+    """Two runs' privacy.json agree bit for bit, but for the PRV epsilons: a numerical integration whose last digits
+    depend on the threads of the process that computes it (a run made as a task of a Ray cluster has as many as
+    the task holds)."""
+
+    def prv_apart(report: dict) -> tuple[dict, list[float]]:
+        prv = [client["epsilon"].pop("prv") for client in report["clients"].values()]
+        return report, prv
+
+    (ledger, prv), (expected, expected_prv) = (
+        prv_apart(json.loads((path / "privacy.json").read_text())) for path in (run, reference)
+    )
+    assert ledger == expected
+    assert prv == pytest.approx(expected_prv, rel=1e-12)
+
+
 def run_comparison(spec: Path, out_dir: Path, *arguments: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "fedsvd.cli", "compare", str(spec), "--out", str(out_dir), *arguments]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (all held open together, so that none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+
+
+def process_tree(process: subprocess.Popen) -> set[int]:
+    try:
+        parent = psutil.Process(process.pid)
+        return {parent.pid, *(child.pid for child in parent.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def survivors(pids: set[int]) -> list[str]:
+    """Processes of `pids` that still run (a pid reused by an unrelated process would show up here too)."""
+    alive = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(pid)
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{pid} {' '.join(process.cmdline())[:120]}")
+    return alive
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """A Ray head on 127.0.0.1 with two CPUs: its address, the directory of its session logs, its processes."""
+
+    address: str
+    logs: Path
+    head: subprocess.Popen
+
+
 @pytest.fixture(scope="session")
-def federation_runs(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path) -> dict[str, Path]:
-    """One 2-round, 3-client DP run per method, made once by `fedsvd compare --jobs 2` (two at a time) and inspected
-    by tests of several modules; `fedsvd run` with ``federation_run_arguments`` makes the same runs."""
+def ray_cluster() -> Iterator[RayCluster]:
+    """`ray start --head --block` on 127.0.0.1: every port chosen free, logs and the cluster address file kept in a
+    directory of its own, so that other Ray users of this machine neither collide with it nor join it by accident.
+    Stopped at the end, with everything it started."""
+    # Short: Ray's unix socket paths live below this directory and must stay under ~100 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="fedsvd-ray-", dir="/tmp"))
+    gcs, client, agent, agent_grpc, metrics, runtime_env = free_ports(6)
+    command = [
+        str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        "--port", str(gcs), "--num-cpus", "2", "--temp-dir", str(temp_dir), "--include-dashboard", "false",
+        "--disable-usage-stats", "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+        "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+        "--runtime-env-agent-port", str(runtime_env),
+    ]  # fmt: skip
+    log_path = temp_dir / "ray-start.log"
+    with open(log_path, "wb") as log:
+        head = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""}
+        )
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + RAY_HEAD_START_TIMEOUT_S
+        while "Ray runtime started" not in log_path.read_text(errors="replace"):
+            assert head.poll() is None, f"ray start exited with {head.returncode}: {log_path.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"the Ray head did not start: {log_path.read_text()[-2000:]}"
+            time.sleep(0.5)
+        yield RayCluster(f"127.0.0.1:{gcs}", temp_dir / "session_latest" / "logs", head)
+        started = process_tree(head)
+    finally:
+        stop_process_trees(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not survivors(started), "the Ray head left processes behind"
+
+
+@pytest.fixture(scope="session")
+def federation_runs(
+    tmp_path_factory: pytest.TempPathFactory, tiny_bert: Path, sentiment_csv: Path, ray_cluster: RayCluster
+) -> dict[str, Path]:
+    """One 2-round, 3-client DP run per method, made once by `fedsvd compare --jobs 2` on a Ray cluster (two at a
+    time, each a task on the node with a private Ray of one CPU) and inspected by tests of several modules;
+    `fedsvd run` with ``federation_run_arguments`` makes the same runs, on this machine or joining the cluster."""
     before = flower_processes()
     directory = tmp_path_factory.mktemp("federation-runs")
     spec = write_comparison(
-        directory / "runs.toml", tiny_bert, sentiment_csv, {method: {} for method in FEDERATION_RUN_METHODS}
-    )
+        directory / "runs.toml", tiny_bert, sentiment_csv, {method: {} for method in FEDERATION_RUN_METHODS},
+        client_cpus=1, ray_address=ray_cluster.address,
+    )  # fmt: skip
     result = run_comparison(spec, directory / "out", "--jobs", "2")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert not left_behind(before), "the runs left Flower or Ray processes behind"
+    assert "at once on the Ray cluster" in result.stdout and "CPUs: 1, GPUs: 0" in result.stdout, result.stdout
     for method in FEDERATION_RUN_METHODS:
         # The round lines, not the lines that say what a long round is waiting for (they start alike).
         progress = [
             line for line in result.stdout.splitlines() if f"{method} s0 | round " in line and "| eps max" in line
         ]
         assert len(progress) == ROUNDS + 1, result.stdout
-    assert flower_processes() <= before, "the runs left Flower or Ray processes behind"
     return {method: directory / "out" / method / "seed-0" for method in FEDERATION_RUN_METHODS}

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import write_sentiment_csv
+from conftest import free_ports, process_tree, survivors, write_sentiment_csv
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import recorddict_from_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -42,7 +42,6 @@ from test_compose import (
     option,
     run_script,
 )
-from test_ray_cluster import free_ports, process_tree, survivors
 
 from clients.app import PRIVACY_STATE_KEY
 from clients.node import (

@@ -25,6 +25,7 @@ import pytest
 import torch
 from conftest import (
     ROOT,
+    assert_same_ledger,
     federation_run_arguments,
     fedsvd_command,
     flower_processes,
@@ -654,7 +655,7 @@ def test_interrupted_and_killed_runs_stop_everything_and_resume_bit_for_bit(
         load_file(str(reference / "adapter.safetensors")),
     )
     assert adapter.keys() == expected.keys() and all(torch.equal(adapter[k], expected[k]) for k in adapter)
-    assert (out_dir / "privacy.json").read_bytes() == (reference / "privacy.json").read_bytes()
+    assert_same_ledger(out_dir, reference)
     epsilons = [row["epsilon_max"] for row in read_metrics(out_dir)]
     assert epsilons == sorted(epsilons), "epsilon never decreases across a resume"
     assert flower_processes() <= before

@@ -197,16 +197,17 @@ def test_client_level_dp_with_poisson_sampling_is_accounted_every_round(
 def test_compare_runs_the_other_four_methods_by_their_rules(
     tmp_path: Path, tiny_bert: Path, sentiment_csv: Path
 ) -> None:
-    """`fedsvd compare` (one simulation at a time) over real simulations of FedSA-LoRA, RoLoRA, FLoRA and
-    FedEx-LoRA, then resume and report."""
+    """`fedsvd compare` over real simulations of FedSA-LoRA, RoLoRA, FLoRA and FedEx-LoRA, two at a time on this
+    machine, each on a private Ray of its share of the cores; then resume and report."""
     before = flower_processes()
     methods = ["fedsa", "rolora", "flora", "fedex"]
     grid = {method: {} for method in methods}
     # FedSA-LoRA needs local held-out slices; the others hold them out too, so that all draw the same clients.
     spec = write_comparison(tmp_path / "compare.toml", tiny_bert, sentiment_csv, grid, local_eval_fraction=0.1)
     out = tmp_path / "out"
-    result = run_comparison(spec, out, "--jobs", "1")
+    result = run_comparison(spec, out, "--jobs", "2")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "up to 2 simulations at once, each on a private Ray" in result.stdout, result.stdout
     assert flower_processes() <= before, "the comparison left Flower or Ray processes behind"
     runs = {method: out / method / "seed-0" for method in methods}
 
