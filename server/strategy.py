@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsvd.federation import ClientPlan
 from fedsvd.methods import ClientUpdate, FederatedLoraMethod
-from fedsvd.methods.base import all_finite, bound_update_norms, change_norms, mean_and_change_norms
+from fedsvd.methods.base import all_finite, bound_update_norms, change_norms
 from fedsvd.privacy.client_level import ClientLevelLedger, noise_generator, noised_average
 from fedsvd.privacy.record_level import ServerPrivacyLedger
 from fedsvd.protocol import (
@@ -358,13 +358,8 @@ class LoraStrategy(FedAvg):
                 continue
             readable.append((partition, update, report, reply))
             replied.add(partition)
-        # One pass over every upload's values measures its change, and with it finds NaN and infinities; under
-        # record-level DP the same pass averages them, which serves whenever every upload is taken as it is.
-        uploads = [update for _, update, _, _ in readable]
-        if self.client_level is None and uploads:
-            mean, norms = mean_and_change_norms(sent, uploads)
-        else:
-            mean, norms = None, change_norms(sent, uploads)
+        # One pass over every upload's values measures its change, and with it finds NaN and infinities.
+        norms = change_norms(sent, [update for _, update, _, _ in readable])
         updates: list[ClientUpdate] = []
         partitions: list[int] = []
         accepted_norms: list[float] = []
@@ -412,8 +407,7 @@ class LoraStrategy(FedAvg):
                     partition,
                     scale,
                 )
-            whole = len(updates) == len(uploads) and not record.clipped
-            new_global = self.method.aggregate(sent, updates, server_round, mean if whole else None)
+            new_global = self.method.aggregate(sent, updates, server_round)
         if not all(all_finite(value) for value in new_global.values()):
             record.dropped = "the aggregate is not finite"
             log(ERROR, "round %d: %s; the global adapter is unchanged", server_round, record.dropped)
