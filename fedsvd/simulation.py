@@ -276,7 +276,8 @@ def _run_once(
         run_config = flwr_home / "run-config.toml"
         run_config.write_text(cfg.to_toml())
         env = flower_environment(flwr_home, cfg)
-        federation = f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cfg.client_cpus} " + (
+        federation = (
+            f"num-supernodes={cfg.num_clients} client-resources-num-cpus={cfg.client_cpus} "
             f"client-resources-num-gpus={cfg.client_gpus}"
         )
         for resource, amount in zip(("cpus", "gpus"), ray_resources, strict=True):

@@ -157,7 +157,32 @@ def weighted_mean(updates: Sequence[ClientUpdate]) -> ArrayDict:
     ValueError
         If there are no updates, a count is non-positive, or key sets or shapes differ (naming the key).
     """
-    return _sweep(updates, None, average=True)[0]
+    weights = example_weights(updates)
+    reference = updates[0].arrays
+    for index, update in enumerate(updates[1:], start=1):
+        missing = reference.keys() - update.arrays.keys()
+        extra = update.arrays.keys() - reference.keys()
+        if missing or extra:
+            raise ValueError(
+                f"update {index} uploads different keys than update 0: "
+                f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        for key, array in update.arrays.items():
+            if array.shape != reference[key].shape:
+                raise ValueError(
+                    f"shape mismatch for {key!r}: update {index} has {tuple(array.shape)}, "
+                    f"update 0 has {tuple(reference[key].shape)}"
+                )
+    mean: ArrayDict = {}
+    for key, first in reference.items():
+        # Scratch buffers take every intermediate, so that no client costs a fresh temporary (at 30 clients those
+        # cost as much as the arithmetic); the arithmetic stays that of sum_k p_k * float64(u_k).
+        scaled = torch.empty(first.shape, dtype=torch.float64, device=first.device)
+        total = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+        for weight, update in zip(weights.tolist(), updates, strict=True):
+            total.add_(scaled.copy_(update.arrays[key]).mul_(weight))
+        mean[key] = total.to(torch.float32)
+    return mean
 
 
 def mean_of_products(updates: Sequence[ClientUpdate], a_key: str, b_key: str) -> torch.Tensor:
@@ -305,62 +330,18 @@ UPDATE_NORM_BOUND = 10.0
 def change_norms(sent: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> list[float]:
     """The norm of each upload's change (upload minus what was sent, over all its arrays as one vector).
 
-    NaN or infinity in an upload makes its norm non-finite, and so does a change too large for its dtype: the
-    caller tells the two apart (``all_finite``) and scales such a change to nothing.
+    One pass over the uploads, key by key: the sent array stays in cache while every client's is read, and the
+    difference goes into one scratch buffer per key (a round of 30 clients' changes kept at once would be
+    gigabytes). NaN or infinity in an upload makes its norm non-finite, and so does a change too large for its
+    dtype: the caller tells the two apart (``all_finite``) and scales such a change to nothing.
     """
-    return _sweep(updates, sent, average=False)[1]
-
-
-def _sweep(
-    updates: Sequence[ClientUpdate], sent: Mapping[str, torch.Tensor] | None, average: bool
-) -> tuple[ArrayDict, list[float]]:
-    """One pass over the uploads, key by key and client by client: the mean when ``average``, each upload's change
-    norm when ``sent`` is given. (Both in one pass measured slower than two on a 2-core CPU: the working set of
-    a key's scratch buffers no longer fits in cache.)
-
-    Scratch buffers, one set per key, take every intermediate, so the pass allocates nothing per client (at 30
-    clients, fresh temporaries cost as much as the arithmetic) and keeps the arithmetic of the plain
-    expressions: ``sum_k p_k * float64(u_k)`` for the mean, the float32 ``u_k - sent`` for a change.
-    """
-    weights = example_weights(updates).tolist() if average else [0.0] * len(updates)
-    reference = updates[0].arrays if updates else {}
-    if average:
-        _check_same_arrays(updates)
-    mean: ArrayDict = {}
     squares = [0.0] * len(updates)
-    for key, first in reference.items():
-        change = torch.empty_like(sent[key]) if sent is not None else None
-        scaled = torch.empty(first.shape, dtype=torch.float64, device=first.device) if average else None
-        total = torch.zeros(first.shape, dtype=torch.float64, device=first.device) if average else None
-        for index, (weight, update) in enumerate(zip(weights, updates, strict=True)):
-            array = update.arrays[key]
-            if change is not None:
-                assert sent is not None
-                torch.sub(array, sent[key], out=change)
-                squares[index] += float(torch.linalg.vector_norm(change)) ** 2
-            if scaled is not None and total is not None:
-                total.add_(scaled.copy_(array).mul_(weight))
-        if total is not None:
-            mean[key] = total.to(torch.float32)
-    return mean, [math.sqrt(square) for square in squares]
-
-
-def _check_same_arrays(updates: Sequence[ClientUpdate]) -> None:
-    reference = updates[0].arrays
-    for index, update in enumerate(updates[1:], start=1):
-        missing = reference.keys() - update.arrays.keys()
-        extra = update.arrays.keys() - reference.keys()
-        if missing or extra:
-            raise ValueError(
-                f"update {index} uploads different keys than update 0: "
-                f"missing {sorted(missing)}, unexpected {sorted(extra)}"
-            )
-        for key, array in update.arrays.items():
-            if array.shape != reference[key].shape:
-                raise ValueError(
-                    f"shape mismatch for {key!r}: update {index} has {tuple(array.shape)}, "
-                    f"update 0 has {tuple(reference[key].shape)}"
-                )
+    for key in updates[0].arrays if updates else ():
+        scratch = torch.empty_like(sent[key])
+        for index, update in enumerate(updates):
+            torch.sub(update.arrays[key], sent[key], out=scratch)
+            squares[index] += float(torch.linalg.vector_norm(scratch)) ** 2
+    return [math.sqrt(square) for square in squares]
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
