@@ -241,7 +241,8 @@ def float32_npy(tensor: torch.Tensor) -> bytes:
     """A float32 tensor as the exact bytes ``np.save`` writes for it (its header, then the values), in one copy."""
     if tensor.dtype != torch.float32:
         raise ValueError(f"expected a float32 tensor, got {tensor.dtype}")
-    return _float32_header(tuple(tensor.shape)) + tensor.detach().cpu().contiguous().numpy().tobytes()
+    # join reads the values straight from the tensor's memory: header + tobytes() would copy them twice.
+    return b"".join((_float32_header(tuple(tensor.shape)), memoryview(tensor.detach().cpu().contiguous().numpy())))
 
 
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}

@@ -44,6 +44,7 @@ from fedsvd.results import (
     write_progress,
     write_restart_request,
 )
+from server.heap import retain_freed_memory
 from server.strategy import BudgetExhausted, LoraStrategy, Progress, RoundRecord, client_error, exchange
 
 # How long the server waits for every SuperNode to connect and introduce itself.
@@ -438,6 +439,7 @@ def set_up(grid: Grid, cfg: ExperimentConfig) -> Federation:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    retain_freed_memory()
     cfg = ExperimentConfig.from_mapping(context.run_config, source="run config")
     try:
         federation = set_up(grid, cfg)

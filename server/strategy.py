@@ -13,6 +13,7 @@ they are made of.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -61,10 +62,12 @@ def exchange(
     timeout: float | None,
     progress: Progress | None = None,
     at: tuple[int, str] = (0, ""),
+    on_arrival: Callable[[Message], object] | None = None,
 ) -> list[Message]:
     """Flower's ``Grid.send_and_receive``, telling ``progress`` how many replies are in whenever more arrive
     (``at`` = the round and stage the messages belong to): a round of many clients, or of slow ones, takes
-    minutes, and the user should see it move."""
+    minutes, and the user should see it move. ``on_arrival`` gets each reply as soon as it is in, so that work
+    on it is done while the other clients still run."""
     waiting = set(grid.push_messages(messages))
     sent = len(waiting)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -78,6 +81,9 @@ def exchange(
             continue
         replies += arrived
         waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
+        if on_arrival is not None:
+            for reply in arrived:
+                on_arrival(reply)
         if progress is not None:
             progress(*at, sent - len(waiting), sent)
     return replies
@@ -112,11 +118,25 @@ class RoundRecord:
     dropped: str | None = None
 
 
+@dataclass(frozen=True)
+class _ReadReply:
+    """A training reply read and checked: the update, what the client reported, the norm of its change (not
+    finite where the upload holds NaN or infinities) and the upload's size in bytes."""
+
+    update: ClientUpdate
+    report: TrainReply
+    change_norm: float
+    size: int
+
+
 @dataclass
 class _RoundInProgress:
     server_round: int
     sent: dict[str, torch.Tensor]
     record: RoundRecord
+    uploads: dict[str, tuple[int, ...]]  # the shape of every array a reply must carry
+    # Each partition's reply and what it read as, or why it cannot be aggregated; filled as replies arrive.
+    read: dict[int, tuple[Message, _ReadReply | ProtocolError]] = field(default_factory=dict)
 
 
 class LoraStrategy(FedAvg):
@@ -244,7 +264,7 @@ class LoraStrategy(FedAvg):
         """Instruct this round's clients, collect and check their replies, aggregate: the new global arrays
         (None when the round was dropped) and what happened."""
         messages = self.configure_train(server_round, arrays, ConfigRecord(), grid)
-        replies = exchange(grid, messages, timeout, self.progress, (server_round, "training"))
+        replies = exchange(grid, messages, timeout, self.progress, (server_round, "training"), self.read_on_arrival)
         new_arrays = self._aggregate(server_round, replies)
         assert self._round is not None
         return new_arrays, self._round.record
@@ -265,7 +285,8 @@ class LoraStrategy(FedAvg):
         partitions = self.sample_partitions(server_round)
         train_keys = tuple(sorted(self.method.uplink_keys(sent.keys(), server_round)))
         record = RoundRecord(instructed=partitions, bytes_down=arrays.count_bytes() * len(partitions))
-        self._round = _RoundInProgress(server_round, sent, record)
+        uploads = {key: tuple(sent[key].shape) for key in train_keys}
+        self._round = _RoundInProgress(server_round, sent, record, uploads)
         if self.client_level is not None:
             self.client_level.record_release(server_round)  # charged before any noise is drawn
         messages = []
@@ -343,35 +364,29 @@ class LoraStrategy(FedAvg):
         if self._round is None or self._round.server_round != server_round:
             raise AggregationError(f"replies for round {server_round}, but configure_train did not run for it")
         sent, record = self._round.sent, self._round.record
-        expected = self.method.uplink_keys(sent.keys(), server_round)
-        shapes = {key: tuple(sent[key].shape) for key in expected}
-        readable: list[tuple[int, ClientUpdate, TrainReply, Message]] = []
-        replied: set[int] = set()
-        for reply in replies:
-            partition = self._partition_of.get(reply.metadata.src_node_id, -1)
-            try:
-                if partition not in record.instructed or partition in record.rejected or partition in replied:
-                    raise ProtocolError("reply from a node that was not instructed, or a second reply")
-                update, report = self._checked(reply, partition, shapes)
-            except ProtocolError as reason:
-                self._reject(record, server_round, partition, str(reason))
-                continue
-            readable.append((partition, update, report, reply))
-            replied.add(partition)
-        # One pass over every upload's values measures its change, and with it finds NaN and infinities.
-        norms = change_norms(sent, [update for _, update, _, _ in readable])
         updates: list[ClientUpdate] = []
         partitions: list[int] = []
         accepted_norms: list[float] = []
         losses: list[tuple[float, int]] = []
-        for (partition, update, report, reply), norm in zip(readable, norms, strict=True):
-            if not math.isfinite(norm) and (bad := [k for k, v in update.arrays.items() if not all_finite(v)]):
+        for reply in replies:
+            partition = self._partition_of.get(reply.metadata.src_node_id, -1)
+            try:
+                if partition not in record.instructed or partition in record.rejected or partition in partitions:
+                    raise ProtocolError("reply from a node that was not instructed, or a second reply")
+                read = self._read(reply, partition)
+            except ProtocolError as reason:
+                self._reject(record, server_round, partition, str(reason))
+                continue
+            update, report = read.update, read.report
+            if not math.isfinite(read.change_norm) and (
+                bad := [k for k, v in update.arrays.items() if not all_finite(v)]
+            ):
                 self._reject(record, server_round, partition, f"{bad[0]}: non-finite values")
                 continue
             updates.append(update)
             partitions.append(partition)
-            accepted_norms.append(norm)
-            record.bytes_up += reply.content[ARRAYS].count_bytes()
+            accepted_norms.append(read.change_norm)
+            record.bytes_up += read.size
             record.privacy[partition] = {
                 "epsilon": report.epsilon,
                 "sigma": report.noise_multiplier,
@@ -381,6 +396,7 @@ class LoraStrategy(FedAvg):
             }
             if report.train_loss is not None:
                 losses.append((report.train_loss, update.num_examples))
+        self._round.read.clear()  # the accepted uploads live on in ``updates`` until the aggregate is made
         for partition in record.instructed:
             if partition not in partitions and partition not in record.rejected:
                 record.rejected[partition] = "no reply"
@@ -412,13 +428,12 @@ class LoraStrategy(FedAvg):
             record.dropped = "the aggregate is not finite"
             log(ERROR, "round %d: %s; the global adapter is unchanged", server_round, record.dropped)
             return None
-        # Written straight as .npy bytes: Flower's conversion goes through np.save and a stream, two copies.
-        return ArrayRecord(
-            {
-                key: Array(dtype="float32", shape=tuple(value.shape), stype=SType.NUMPY, data=float32_npy(value))
-                for key, value in new_global.items()
-            }
-        )
+        # Written straight as .npy bytes: Flower's conversion goes through np.save and a stream, two copies. Set
+        # one by one: ArrayRecord({...}) would build every Array a second time.
+        packed = ArrayRecord()
+        for key, value in new_global.items():
+            packed[key] = Array(dtype="float32", shape=tuple(value.shape), stype=SType.NUMPY, data=float32_npy(value))
+        return packed
 
     def _noised_aggregate(
         self, server_round: int, updates: list[ClientUpdate], partitions: list[int], norms: list[float]
@@ -434,6 +449,38 @@ class LoraStrategy(FedAvg):
         keys = sorted(self.method.uplink_keys(sent.keys(), server_round))
         released = noised_average(sent, updates, keys, plan, noise_generator(self.seed, server_round))
         return self.method.aggregate_noised(sent, released, server_round)
+
+    def read_on_arrival(self, reply: Message) -> None:
+        """Read and check a training reply as soon as it arrives (``exchange`` calls this), while the round's
+        other clients still train: a pass over every value of an upload costs about what averaging it does, and
+        done here it is off the server's step once the last reply is in. What it finds waits for
+        ``_aggregate``, which also reads any reply that did not come this way."""
+        partition = self._partition_of.get(reply.metadata.src_node_id, -1)
+        round_ = self._round
+        # A second reply from a partition is left for _aggregate, which rejects it.
+        if round_ is not None and partition in round_.record.instructed and partition not in round_.read:
+            with contextlib.suppress(ProtocolError):  # recorded; rejected by _aggregate in the replies' order
+                self._read(reply, partition)
+
+    def _read(self, reply: Message, partition: int) -> _ReadReply:
+        """The reply read and checked (once: a later call for the same reply returns what the first found), or
+        ProtocolError."""
+        assert self._round is not None
+        earlier = self._round.read.get(partition)
+        if earlier is not None and earlier[0] is reply:
+            outcome = earlier[1]
+        else:
+            try:
+                update, report = self._checked(reply, partition, self._round.uploads)
+                # One pass over the upload's values measures its change, and with it finds NaN and infinities.
+                norm = change_norms(self._round.sent, [update])[0]
+                outcome = _ReadReply(update, report, norm, reply.content[ARRAYS].count_bytes())
+            except ProtocolError as reason:
+                outcome = reason
+            self._round.read[partition] = (reply, outcome)
+        if isinstance(outcome, ProtocolError):
+            raise outcome
+        return outcome
 
     @staticmethod
     def _reject(record: RoundRecord, server_round: int, partition: int, reason: str) -> None:

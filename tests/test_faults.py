@@ -367,6 +367,49 @@ def test_reports_that_disagree_with_the_plan_are_rejected(reply: dict, reason: s
     assert reason in record.rejected[1] and record.clients == [0, 2]
 
 
+class OneReplyPerPull(FakeGrid):
+    """Hands over one reply per pull, as a round's replies come in while its other clients still train, and
+    notes each pull in ``events``."""
+
+    def __init__(self, respond: Callable[[Message], Message | None], events: list[str]) -> None:
+        super().__init__(respond)
+        self.events = events
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        wanted = set(message_ids)
+        ready = [reply for reply in self.replies if reply.metadata.reply_to_message_id in wanted][:1]
+        self.replies = [reply for reply in self.replies if all(reply is not taken for taken in ready)]
+        self.events += [f"pulled {reply.metadata.src_node_id - 10}" for reply in ready]
+        return ready
+
+
+def test_each_reply_is_read_once_as_it_arrives_and_aggregates_as_when_read_at_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[str] = []
+    strategy = _strategy()
+    check = strategy._checked
+
+    def noted(reply: Message, partition: int, shapes: dict) -> object:
+        events.append(f"read {partition}")
+        return check(reply, partition, shapes)
+
+    monkeypatch.setattr(strategy, "_checked", noted)
+    honest = _honest(strategy)
+    sent = ArrayRecord(_global())
+    arrays, record = strategy.train_round(OneReplyPerPull(honest, events), 1, sent, timeout=WAIT_S)  # type: ignore[arg-type]
+    assert events == ["pulled 0", "read 0", "pulled 1", "read 1", "pulled 2", "read 2"]
+    assert arrays is not None and record.clients == [0, 1, 2]
+    # Flower's own hook gets every reply at the end, none read before: the same arrays, bit for bit.
+    at_the_end = _strategy()
+    grid = FakeGrid(_honest(at_the_end))
+    ids = grid.push_messages(at_the_end.configure_train(1, sent, ConfigRecord(), grid))  # type: ignore[arg-type]
+    again, _ = at_the_end.aggregate_train(1, grid.pull_messages(ids))
+    assert again is not None
+    expected, got = again.to_torch_state_dict(), arrays.to_torch_state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[key], got[key]) for key in got)
+
+
 def test_lost_duplicate_and_foreign_replies() -> None:
     strategy = _strategy()
     honest = _honest(strategy)

@@ -268,8 +268,9 @@ class FederatedLoraMethod(ABC):
         ValueError
             If an update uploads other keys than expected, shapes disagree, or counts are invalid.
         """
+        expected = self.uplink_keys(global_arrays, server_round)
         for index, update in enumerate(updates):
-            self._check_keys(global_arrays, update.arrays, server_round, f"update {index}")
+            self._check_keys(expected, update.arrays, server_round, f"update {index}")
         return self._after_average(self._with(global_arrays, weighted_mean(updates)), updates, server_round)
 
     def aggregate_noised(self, global_arrays: ArrayDict, noised: ArrayDict, server_round: int) -> ArrayDict:
@@ -285,13 +286,12 @@ class FederatedLoraMethod(ABC):
         """
         if self.client_level_refusal is not None:
             raise ValueError(f"method {self.name!r} cannot run under client-level DP: {self.client_level_refusal}")
-        self._check_keys(global_arrays, noised, server_round, "the noised average")
+        self._check_keys(self.uplink_keys(global_arrays, server_round), noised, server_round, "the noised average")
         return self._after_average(self._with(global_arrays, noised), (), server_round)
 
     def _check_keys(
-        self, global_arrays: ArrayDict, uploaded: Mapping[str, torch.Tensor], server_round: int, what: str
+        self, expected: set[str], uploaded: Mapping[str, torch.Tensor], server_round: int, what: str
     ) -> None:
-        expected = self.uplink_keys(global_arrays, server_round)
         if uploaded.keys() != expected:
             missing = sorted(expected - uploaded.keys())
             extra = sorted(uploaded.keys() - expected)

@@ -101,7 +101,7 @@ def _by_gram(pairs: list[Factors], work: torch.dtype) -> list[Factors | None]:
     vectors = vectors.flip(-1)  # eigh sorts ascending; B's columns go by descending singular value
     to_b = (lower @ vectors).to(work)
     to_a = torch.linalg.solve_triangular(lower.mT, vectors, upper=True).mT.to(work)  # V^T L^-1
-    return [(b[i] @ to_b[i], to_a[i] @ a[i]) if usable[i] else None for i in range(len(pairs))]
+    return [(b[i] @ to_b[i], to_a[i] @ a[i]) if ok else None for i, ok in enumerate(usable.tolist())]
 
 
 def _by_qr(b: torch.Tensor, a: torch.Tensor) -> Factors:
