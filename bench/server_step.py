@@ -24,10 +24,10 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsvd.federation import ClientPlan
+from fedsvd.heap import retain_freed_memory
 from fedsvd.methods import ClientUpdate, build_method
 from fedsvd.privacy.record_level import ServerPrivacyLedger
 from fedsvd.protocol import ARRAYS, METRICS, TrainReply
-from server.heap import retain_freed_memory
 from server.strategy import LoraStrategy
 
 REPEATS = 7

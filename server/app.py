@@ -29,6 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsvd.config import MAX_SHORT_ROUNDS, RESUMABLE_KEYS, ExperimentConfig, resume_conflict
 from fedsvd.data import tokenize
 from fedsvd.federation import ClientPlan, FederationData, client_level_plan, client_plan, data_for
+from fedsvd.heap import retain_freed_memory
 from fedsvd.methods import FederatedLoraMethod, build_method
 from fedsvd.model import build_lora_model, evaluate, get_arrays, load_tokenizer, resolve_device, set_arrays
 from fedsvd.privacy.client_level import ClientLevelLedger
@@ -44,7 +45,6 @@ from fedsvd.results import (
     write_progress,
     write_restart_request,
 )
-from server.heap import retain_freed_memory
 from server.strategy import BudgetExhausted, LoraStrategy, Progress, RoundRecord, client_error, exchange
 
 # How long the server waits for every SuperNode to connect and introduce itself.

@@ -13,7 +13,7 @@ from conftest import ROOT
 # round's end. Prints the page faults of the last round.
 PROBE = """
 import resource, sys, torch
-from server.heap import retain_freed_memory
+from fedsvd.heap import retain_freed_memory
 if sys.argv[1] == "retain" and not retain_freed_memory():
     print("unsupported")
     sys.exit()

@@ -1,11 +1,12 @@
-"""Keep the server process's freed memory mapped, for the next round to reuse.
+"""Keep a process's freed memory mapped, for its next round to reuse.
 
 Every round the server allocates and frees arrays of the same sizes: uploads, averages, re-factorised adapters,
-their packed copies. glibc hands blocks over 128 KiB back to the kernel when they are freed (and trims the top of
-its heap), so the next round's arrays land on fresh pages and each page faults on first touch. At LLaMA-7B's
-shape that is about 8,000 faults per pass over the adapters; on a 2-core VM they tripled the cost of FedSVD's
-thin products (bench/server_step.py). With both thresholds raised, freed blocks stay in the heap and are
-reused: the process keeps its high-water mark of memory, which the next round reaches again anyway.
+their packed copies, the activations of scoring the held-out set. glibc hands blocks over 128 KiB back to the
+kernel when they are freed (and trims the top of its heap), so the next round's arrays land on fresh pages and
+each page faults on first touch. At LLaMA-7B's shape that is about 8,000 faults per pass over the adapters; on a
+2-core VM they tripled the cost of FedSVD's thin products (bench/server_step.py). With both thresholds raised,
+freed blocks stay in the heap and are reused: the process keeps its high-water mark of memory, which the next
+round reaches again anyway.
 """
 
 from __future__ import annotations
