@@ -90,7 +90,7 @@ def in_one_process(rounds: int, out_dir: Path) -> list[float]:
     cfg = ExperimentConfig(**SETTINGS, rounds=rounds, out_dir=str(out_dir))  # type: ignore[arg-type]
     # Messages carry the run they belong to; outside a running app, say which one.
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
-    retain_freed_memory()  # as the ServerApp's main does (here the clients share the process, and it)
+    retain_freed_memory()  # as the ServerApp's main does; here it also covers the clients, which share the process
     set_up(InProcessGrid(cfg), cfg).run()  # type: ignore[arg-type]
     return round_seconds(out_dir)
 

@@ -7,7 +7,7 @@
    Target: at most a quarter. The others were read and checked as they arrived, while the round's other clients
    trained; what that costs per reply is printed beside it.
 
-Both run with freed memory kept for reuse, as the ServerApp runs (server/heap.py).
+Both run with freed memory kept for reuse, as the ServerApp runs (fedsvd/heap.py).
 
 Usage: python bench/server_step.py [--modules 128] [--dim 4096] [--rank 16]
 """

@@ -222,7 +222,7 @@ def parse_arrays(arrays: Mapping[str, bytes], shapes: Mapping[str, tuple[int, ..
 
     The tensors view the bytes without copying them (a round of 30 clients moves gigabytes) and must not be
     written to. Whether their values are finite is left to the pass that measures each change
-    (``fedsvd.methods.base.change_norms``): a NaN or an infinity makes that norm non-finite, so the values are
+    (``fedsvd.methods.base.change_norm``): a NaN or an infinity makes that norm non-finite, so the values are
     read once, not twice.
     """
     keys = set(arrays)

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsvd.federation import ClientPlan
 from fedsvd.methods import ClientUpdate, FederatedLoraMethod
-from fedsvd.methods.base import all_finite, bound_update_norms, change_norms
+from fedsvd.methods.base import all_finite, bound_update_norms, change_norm
 from fedsvd.privacy.client_level import ClientLevelLedger, noise_generator, noised_average
 from fedsvd.privacy.record_level import ServerPrivacyLedger
 from fedsvd.protocol import (
@@ -473,7 +473,7 @@ class LoraStrategy(FedAvg):
             try:
                 update, report = self._checked(reply, partition, self._round.uploads)
                 # One pass over the upload's values measures its change, and with it finds NaN and infinities.
-                norm = change_norms(self._round.sent, [update])[0]
+                norm = change_norm(self._round.sent, update)
                 outcome = _ReadReply(update, report, norm, reply.content[ARRAYS].count_bytes())
             except ProtocolError as reason:
                 outcome = reason

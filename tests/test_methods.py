@@ -11,7 +11,7 @@ from fedsvd.methods import METHODS, ClientUpdate, FedSvd, build_method, refactor
 from fedsvd.methods.base import (
     ArrayDict,
     base_weight_key,
-    change_norms,
+    change_norm,
     example_weights,
     factor_of,
     is_base_weight,
@@ -383,7 +383,7 @@ def test_the_mean_is_its_defining_expression_bit_for_bit_and_every_change_norm_i
         ClientUpdate({key: value + scale * torch.randn(value.shape, generator=gen) for key, value in sent.items()}, n)
         for scale, n in ((1e-3, 7), (5e-2, 11), (1.0, 2))
     ]
-    mean, norms = weighted_mean(updates), change_norms(sent, updates)
+    mean, norms = weighted_mean(updates), [change_norm(sent, update) for update in updates]
     weights = [n / 20 for n in (7, 11, 2)]
     for key in sent:
         # The plain expression the server's mean is defined by, in float64, rounded once to float32.
@@ -396,7 +396,7 @@ def test_the_mean_is_its_defining_expression_bit_for_bit_and_every_change_norm_i
     poisoned = dict(updates[1].arrays)
     poisoned["head"] = poisoned["head"].clone()
     poisoned["head"][1] = float("nan")
-    again = change_norms(sent, [updates[0], ClientUpdate(poisoned, 11), updates[2]])
+    again = [change_norm(sent, update) for update in (updates[0], ClientUpdate(poisoned, 11), updates[2])]
     assert again[0] == norms[0] and again[2] == norms[2] and again[1] != again[1]
 
 

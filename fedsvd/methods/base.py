@@ -327,21 +327,15 @@ class FederatedLoraMethod(ABC):
 UPDATE_NORM_BOUND = 10.0
 
 
-def change_norms(sent: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> list[float]:
-    """The norm of each upload's change (upload minus what was sent, over all its arrays as one vector).
+def change_norm(sent: Mapping[str, torch.Tensor], update: ClientUpdate) -> float:
+    """The norm of an upload's change (upload minus what was sent, over all its arrays as one vector).
 
-    One pass over the uploads, key by key: the sent array stays in cache while every client's is read, and the
-    difference goes into one scratch buffer per key (a round of 30 clients' changes kept at once would be
-    gigabytes). NaN or infinity in an upload makes its norm non-finite, and so does a change too large for its
-    dtype: the caller tells the two apart (``all_finite``) and scales such a change to nothing.
+    One pass over the upload, key by key (the whole change at once would double the upload's memory). NaN or
+    infinity in the upload makes the norm non-finite, and so does a change too large for its dtype: the caller
+    tells the two apart (``all_finite``) and scales such a change to nothing.
     """
-    squares = [0.0] * len(updates)
-    for key in updates[0].arrays if updates else ():
-        scratch = torch.empty_like(sent[key])
-        for index, update in enumerate(updates):
-            torch.sub(update.arrays[key], sent[key], out=scratch)
-            squares[index] += float(torch.linalg.vector_norm(scratch)) ** 2
-    return [math.sqrt(square) for square in squares]
+    square = sum(float(torch.linalg.vector_norm(value - sent[key])) ** 2 for key, value in update.arrays.items())
+    return math.sqrt(square)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -358,7 +352,7 @@ def bound_update_norms(
     factor: float = UPDATE_NORM_BOUND,
 ) -> tuple[list[ClientUpdate], list[float]]:
     """Scale every client's change (upload minus what it was sent, over all its arrays as one vector; its norm
-    from ``change_norms``) down to at most ``factor`` times the lower median of the round's change norms. An
+    from ``change_norm``) down to at most ``factor`` times the lower median of the round's change norms. An
     infinite norm (a change too large for its dtype) is scaled to nothing.
 
     The lower median stays an honest client's norm while fewer than half of the clients are outliers (with two
