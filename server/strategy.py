@@ -63,13 +63,16 @@ def exchange(
     progress: Progress | None = None,
     at: tuple[int, str] = (0, ""),
     on_arrival: Callable[[Message], object] | None = None,
+    after_push: Callable[[], object] | None = None,
 ) -> list[Message]:
     """Flower's ``Grid.send_and_receive``, telling ``progress`` how many replies are in whenever more arrive
     (``at`` = the round and stage the messages belong to): a round of many clients, or of slow ones, takes
-    minutes, and the user should see it move. ``on_arrival`` gets each reply as soon as it is in, so that work
-    on it is done while the other clients still run."""
+    minutes, and the user should see it move. ``after_push`` runs once the messages are out, and
+    ``on_arrival`` gets each reply as soon as it is in, so that their work is done while the clients run."""
     waiting = set(grid.push_messages(messages))
     sent = len(waiting)
+    if after_push is not None:
+        after_push()
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     if progress is not None:
@@ -264,10 +267,18 @@ class LoraStrategy(FedAvg):
         """Instruct this round's clients, collect and check their replies, aggregate: the new global arrays
         (None when the round was dropped) and what happened."""
         messages = self.configure_train(server_round, arrays, ConfigRecord(), grid)
-        replies = exchange(grid, messages, timeout, self.progress, (server_round, "training"), self.read_on_arrival)
-        new_arrays = self._aggregate(server_round, replies)
         assert self._round is not None
-        return new_arrays, self._round.record
+        round_ = self._round
+        replies = exchange(
+            grid,
+            messages,
+            timeout,
+            self.progress,
+            (server_round, "training"),
+            on_arrival=self.read_on_arrival,
+            after_push=lambda: self.method.prepare(round_.sent, server_round),
+        )
+        return self._aggregate(server_round, replies), round_.record
 
     def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float | None) -> None:
         """Per-client evaluation of the new global arrays; the scores go into the round's record."""

@@ -383,7 +383,7 @@ class OneReplyPerPull(FakeGrid):
         return ready
 
 
-def test_each_reply_is_read_once_as_it_arrives_and_aggregates_as_when_read_at_the_end(
+def test_the_a_side_is_prepared_once_sent_each_reply_read_as_it_arrives_and_all_aggregate_as_at_the_end(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     events: list[str] = []
@@ -395,10 +395,21 @@ def test_each_reply_is_read_once_as_it_arrives_and_aggregates_as_when_read_at_th
         return check(reply, partition, shapes)
 
     monkeypatch.setattr(strategy, "_checked", noted)
+    prepare = strategy.method.prepare
+
+    def prepared(global_arrays: dict, server_round: int) -> None:
+        events.append(f"prepared round {server_round} after {len(grid.sent)} instructions")
+        prepare(global_arrays, server_round)
+
+    monkeypatch.setattr(strategy.method, "prepare", prepared)
     honest = _honest(strategy)
     sent = ArrayRecord(_global())
-    arrays, record = strategy.train_round(OneReplyPerPull(honest, events), 1, sent, timeout=WAIT_S)  # type: ignore[arg-type]
-    assert events == ["pulled 0", "read 0", "pulled 1", "read 1", "pulled 2", "read 2"]
+    grid = OneReplyPerPull(honest, events)
+    arrays, record = strategy.train_round(grid, 1, sent, timeout=WAIT_S)  # type: ignore[arg-type]
+    assert events == [
+        "prepared round 1 after 3 instructions",
+        *("pulled 0", "read 0", "pulled 1", "read 1", "pulled 2", "read 2"),
+    ]
     assert arrays is not None and record.clients == [0, 1, 2]
     # Flower's own hook gets every reply at the end, none read before: the same arrays, bit for bit.
     at_the_end = _strategy()

@@ -22,7 +22,7 @@ from fedsvd.methods.base import (
 from fedsvd.methods.fedavg import FedAvgLora
 from fedsvd.methods.fedex import FedExLora
 from fedsvd.methods.fedsa import FedSaLora
-from fedsvd.methods.fedsvd import refactorize_all
+from fedsvd.methods.fedsvd import prepare_a, refactorize_all
 from fedsvd.methods.ffa import FfaLora
 from fedsvd.methods.flora import FLora
 from fedsvd.methods.rolora import RoLora
@@ -209,6 +209,30 @@ def test_fedsvd_aggregate_is_exact_and_orthonormal(gen: torch.Generator) -> None
         assert_orthonormal_rows(new[a_key])
     torch.testing.assert_close(new[HEAD], expected_mean(updates, HEAD))
     assert all(torch.equal(glob[key], snapshot[key]) for key in glob)
+
+
+def test_fedsvd_prepared_while_clients_train_aggregates_bit_for_bit_as_unprepared(gen: torch.Generator) -> None:
+    glob = global_arrays(gen)
+    method = FedSvd()
+    updates = uploads(gen, glob, method.uplink_keys(glob, 2))
+    unprepared = method.aggregate(glob, updates, 2)
+    method.prepare(glob, 2)
+    prepared = method.aggregate(glob, updates, 2)
+    assert prepared.keys() == unprepared.keys() and all(torch.equal(prepared[k], unprepared[k]) for k in prepared)
+    # What was prepared for other A (another round's, a stale one) is not used: the result is that of the A given.
+    other = global_arrays(gen)
+    method.prepare(other, 2)
+    assert all(torch.equal(method.aggregate(glob, updates, 2)[k], unprepared[k]) for k in unprepared)
+    method.prepare(glob, 1)
+    assert all(torch.equal(method.aggregate(glob, updates, 2)[k], unprepared[k]) for k in unprepared)
+
+
+def test_refactorize_all_ignores_what_was_prepared_from_other_tensors(gen: torch.Generator) -> None:
+    pairs = [(torch.randn(d_out, r, generator=gen), torch.randn(r, d_in, generator=gen)) for d_out, d_in, r in SHAPES]
+    stale = prepare_a([torch.randn(a.shape, generator=gen) for _, a in pairs])
+    for (b, a), (b_new, a_new) in zip(pairs, refactorize_all(pairs, stale), strict=True):
+        assert rel_err(b_new @ a_new, b @ a) < 1e-5
+        assert_orthonormal_rows(a_new[: min(a.shape)])
 
 
 def test_fedsvd_rounds_without_svd(gen: torch.Generator) -> None:

@@ -246,6 +246,11 @@ class FederatedLoraMethod(ABC):
             if not is_base_weight(key) and ((factor := factor_of(key)) is None or factor in trained)
         }
 
+    def prepare(self, global_arrays: ArrayDict, server_round: int) -> None:  # noqa: B027 (an optional hook)
+        """Work of ``server_round``'s aggregate that depends only on the arrays the server sends, done while the
+        clients train so that less is left once their replies are in. ``aggregate`` gives the same result
+        whether this ran or not; by default there is no such work."""
+
     def aggregate(self, global_arrays: ArrayDict, updates: Sequence[ClientUpdate], server_round: int) -> ArrayDict:
         """Combine this round's uploads into the next global arrays.
 

@@ -9,6 +9,7 @@ gradient norm under DP-SGD. The rewrite is post-processing of privatised uploads
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -55,53 +56,93 @@ def refactorize(B: torch.Tensor, A: torch.Tensor) -> Factors:
     return refactorize_all([(B, A)])[0]
 
 
-def refactorize_all(pairs: list[Factors]) -> list[Factors]:
+@dataclass(frozen=True)
+class _GramGroup:
+    """Pairs whose A share shape, working dtype and device, with what the Gram route needs from A alone."""
+
+    indices: list[int]  # the pairs' positions
+    a: torch.Tensor  # their A, stacked (n x r x d_in), in the working dtype
+    lower: torch.Tensor  # Cholesky factors of A A^T (n x r x r, float64); the identity where not usable
+    usable: list[bool]  # False: A is too ill-conditioned for the Gram route, and the pair goes through QR
+
+
+@dataclass(frozen=True)
+class PreparedA:
+    """The A side of ``refactorize_all`` for a list of A factors (``prepare_a``)."""
+
+    factors: tuple[torch.Tensor, ...]  # the very tensors it was made from
+    groups: tuple[_GramGroup, ...]
+
+
+def prepare_a(factors: Sequence[torch.Tensor]) -> PreparedA:
+    """What ``refactorize_all`` needs from the A factors alone: their Cholesky factors and condition checks.
+
+    FedSVD's clients never change A, so the server can make this from the A it sends while the clients train,
+    and only the B side is left once their replies are in. Pairs with ``r > d_in`` are left to QR.
+    """
+    keyed: dict[tuple[torch.Size, torch.dtype, torch.device], list[int]] = {}
+    for index, a in enumerate(factors):
+        if a.shape[0] <= a.shape[1]:
+            work = torch.float64 if a.dtype == torch.float64 else torch.float32
+            keyed.setdefault((a.shape, work, a.device), []).append(index)
+    groups = []
+    for (_, work, _), indices in keyed.items():
+        a = torch.stack([factors[i].to(work) for i in indices])
+        gram = (a @ a.mT).to(torch.float64)
+        lower, info = torch.linalg.cholesky_ex(gram)
+        eigenvalues = torch.linalg.eigvalsh(gram)
+        usable = (info == 0) & (eigenvalues[:, -1] <= _GRAM_CONDITION_LIMIT[work] * eigenvalues[:, 0])
+        identity = torch.eye(gram.shape[-1], dtype=torch.float64, device=gram.device)
+        lower = torch.where(usable[:, None, None], lower, identity)  # keeps the batch finite; those pairs use QR
+        groups.append(_GramGroup(indices, a, lower, usable.tolist()))
+    return PreparedA(tuple(factors), tuple(groups))
+
+
+def refactorize_all(pairs: list[Factors], prepared: PreparedA | None = None) -> list[Factors]:
     """``refactorize`` of every ``(B, A)`` pair of a model at once.
 
     The usual module (``r <= min(d_out, d_in)``, A well-conditioned, as FedSVD's own orthonormal A always is)
     goes through r x r Gram matrices: with ``A A^T = L L^T`` (Cholesky) and ``L^T (B^T B) L = V S^2 V^T``,
     ``B A = (B L V) (V^T L^-1 A)``, where ``V^T L^-1 A`` has orthonormal rows and ``B L V`` orthogonal columns
-    whose norms are the singular values. Per module that is four thin matrix products; the small
-    factorisations of all modules with the same ``r`` run as one batch. The product is exact whatever B is.
-    Other modules go through reduced QR (``_by_qr``).
+    whose norms are the singular values. The product is exact whatever B is. Once L is known (``prepare_a``)
+    that is three thin matrix products per module: B's Gram matrix, ``B (L V)`` and ``(V^T L^-1) A``, the
+    last batched over modules of one shape. The small factorisations of a group run as one batch. Other
+    modules go through reduced QR (``_by_qr``).
+
+    ``prepared`` is ``prepare_a`` of exactly these A tensors, made earlier; it is made here when it is None
+    or was made from other tensors, so the result is the same either way.
     """
     for B, A in pairs:
         if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
             raise ValueError(f"expected B (d_out x r) and A (r x d_in), got {tuple(B.shape)} and {tuple(A.shape)}")
+    # float64 anywhere in a pair means float64 throughout (A.to returns A itself when nothing changes).
+    work_pairs = [(B, A.to(torch.float64) if B.dtype == torch.float64 else A) for B, A in pairs]
+    factors = [A for _, A in work_pairs]
+    if (
+        prepared is None
+        or len(prepared.factors) != len(factors)
+        or any(made is not given for made, given in zip(prepared.factors, factors, strict=True))
+    ):
+        prepared = prepare_a(factors)
     results: list[Factors | None] = [None] * len(pairs)
-    batches: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
-    for index, (B, A) in enumerate(pairs):
-        rank = A.shape[0]
-        if rank <= min(B.shape[0], A.shape[1]):
-            work = torch.float64 if torch.float64 in (B.dtype, A.dtype) else torch.float32
-            batches.setdefault((rank, work, B.device), []).append(index)
-    for (_, work, _), indices in batches.items():
-        for index, factors in zip(indices, _by_gram([pairs[i] for i in indices], work), strict=True):
-            results[index] = factors
+    for group in prepared.groups:
+        work = group.a.dtype
+        b = [work_pairs[i][0].to(work) for i in group.indices]
+        gram_b = torch.stack([x.T @ x for x in b]).to(torch.float64)
+        _, vectors = torch.linalg.eigh(group.lower.mT @ gram_b @ group.lower)
+        vectors = vectors.flip(-1)  # eigh sorts ascending; B's columns go by descending singular value
+        to_b = (group.lower @ vectors).to(work)
+        to_a = torch.linalg.solve_triangular(group.lower.mT, vectors, upper=True).mT.to(work)  # V^T L^-1
+        a_new = to_a @ group.a
+        for k, index in enumerate(group.indices):
+            # With r > d_out the product has fewer than r singular directions: QR completes A_new's rows.
+            if group.usable[k] and b[k].shape[0] >= b[k].shape[1]:
+                results[index] = (b[k] @ to_b[k], a_new[k])
     out = []
-    for (B, A), factors in zip(pairs, results, strict=True):
-        b_new, a_new = factors if factors is not None else _by_qr(B.to(torch.float64), A.to(torch.float64))
+    for (B, A), factors_new in zip(pairs, results, strict=True):
+        b_new, a_new = factors_new if factors_new is not None else _by_qr(B.to(torch.float64), A.to(torch.float64))
         out.append((b_new.to(B.dtype), a_new.to(A.dtype)))
     return out
-
-
-def _by_gram(pairs: list[Factors], work: torch.dtype) -> list[Factors | None]:
-    """The Gram route for pairs of one rank (see ``refactorize_all``); None for a pair whose A is too
-    ill-conditioned for it."""
-    b = [B.to(work) for B, _ in pairs]
-    a = [A.to(work) for _, A in pairs]
-    gram_a = torch.stack([x @ x.T for x in a]).to(torch.float64)
-    gram_b = torch.stack([x.T @ x for x in b]).to(torch.float64)
-    lower, info = torch.linalg.cholesky_ex(gram_a)
-    eigenvalues = torch.linalg.eigvalsh(gram_a)
-    usable = (info == 0) & (eigenvalues[:, -1] <= _GRAM_CONDITION_LIMIT[work] * eigenvalues[:, 0])
-    identity = torch.eye(gram_a.shape[-1], dtype=torch.float64, device=gram_a.device)
-    lower = torch.where(usable[:, None, None], lower, identity)  # keeps the batch finite; those pairs are redone
-    _, vectors = torch.linalg.eigh(lower.mT @ gram_b @ lower)
-    vectors = vectors.flip(-1)  # eigh sorts ascending; B's columns go by descending singular value
-    to_b = (lower @ vectors).to(work)
-    to_a = torch.linalg.solve_triangular(lower.mT, vectors, upper=True).mT.to(work)  # V^T L^-1
-    return [(b[i] @ to_b[i], to_a[i] @ a[i]) if ok else None for i, ok in enumerate(usable.tolist())]
 
 
 def _by_qr(b: torch.Tensor, a: torch.Tensor) -> Factors:
@@ -149,6 +190,7 @@ class FedSvd(FederatedLoraMethod):
                 raise ValueError(f"{option} must be an integer >= 0, got {value!r}")
         self.svd_every = svd_every
         self.svd_warmup = svd_warmup
+        self._prepared: PreparedA | None = None  # the A side of the coming re-factorisation
 
     def trained_factors(self, server_round: int) -> frozenset[str]:
         """B in every round; A changes only through the server's re-factorisation."""
@@ -162,11 +204,19 @@ class FedSvd(FederatedLoraMethod):
             and (server_round - self.svd_warmup) % self.svd_every == 0
         )
 
+    def prepare(self, global_arrays: ArrayDict, server_round: int) -> None:
+        """The A side of the round's re-factorisation (``prepare_a``): clients do not change A. It is used
+        only if the aggregate's A are the very tensors it was made from."""
+        self._prepared = None
+        if self.svd_due(server_round):
+            self._prepared = prepare_a([global_arrays[a_key] for a_key, _ in lora_pairs(global_arrays)])
+
     def _after_average(self, arrays: ArrayDict, updates: Sequence[ClientUpdate], server_round: int) -> ArrayDict:
+        prepared, self._prepared = self._prepared, None
         if not self.svd_due(server_round):
             return arrays
         pairs = lora_pairs(arrays)
-        rewritten = refactorize_all([(arrays[b_key], arrays[a_key]) for a_key, b_key in pairs])
+        rewritten = refactorize_all([(arrays[b_key], arrays[a_key]) for a_key, b_key in pairs], prepared)
         for (a_key, b_key), (b_new, a_new) in zip(pairs, rewritten, strict=True):
             arrays[b_key], arrays[a_key] = b_new, a_new
         return arrays
