@@ -26,11 +26,19 @@ REPEATS = 5
 BATCH = 32
 
 
-def median_seconds(run: Callable[[], object], repeats: int = REPEATS, device: torch.device | None = None) -> float:
-    """Median wall time of ``repeats`` calls of ``run``; on CUDA the queued kernels are waited for before and
-    after each call, so that a call is charged for exactly its own work."""
+def median_seconds(
+    run: Callable[[], object],
+    repeats: int = REPEATS,
+    device: torch.device | None = None,
+    before: Callable[[], object] | None = None,
+) -> float:
+    """Median wall time of ``repeats`` calls of ``run``, each after an untimed call of ``before`` if given; on CUDA
+    the queued kernels are waited for before and after each call, so that a call is charged for exactly its own
+    work."""
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
