@@ -74,6 +74,10 @@ def flower_environment(flwr_home: Path, cfg: ExperimentConfig) -> dict[str, str]
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
         RAY_USAGE_STATS_ENABLED="0",
+        # Ray's log monitor globs its log folder for new files every 0.1 s until it holds this many: 1 % of a core
+        # beside the clients. At 0 it looks every LOG_NAME_UPDATE_INTERVAL_S instead; a worker starts once.
+        RAY_LOG_MONITOR_MANY_FILES_THRESHOLD="0",
+        LOG_NAME_UPDATE_INTERVAL_S="2",
         # Flower's Ray backend calls ray.init() without an address: Ray reads it from here.
         RAY_ADDRESS=ray_address(cfg, env),
     )
