@@ -75,7 +75,8 @@ def flower_environment(flwr_home: Path, cfg: ExperimentConfig) -> dict[str, str]
         PYTHONUNBUFFERED="1",
         RAY_USAGE_STATS_ENABLED="0",
         # Ray's log monitor globs its log folder for new files every 0.1 s until it holds this many: 1 % of a core
-        # beside the clients. At 0 it looks every LOG_NAME_UPDATE_INTERVAL_S instead; a worker starts once.
+        # beside the clients. At 0 it looks every LOG_NAME_UPDATE_INTERVAL_S instead. Client workers start once a
+        # run and each file is read from its start, so nothing they print is lost.
         RAY_LOG_MONITOR_MANY_FILES_THRESHOLD="0",
         LOG_NAME_UPDATE_INTERVAL_S="2",
         # Flower's Ray backend calls ray.init() without an address: Ray reads it from here.

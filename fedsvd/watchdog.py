@@ -86,9 +86,9 @@ def watch(launcher_pid: int, pid_file: Path) -> None:
     walked = -math.inf
     while _alive(launcher):
         if time.monotonic() - walked >= TREE_POLL_S:
-            # One pass over /proc a walk, every few polls: walking each root's tree with psutil made one pass per
-            # root, and checking every remembered process one more read each, twice a second: 4 % of a core
-            # beside a federation that needs all of them. The walk after the launcher's death finds the rest.
+            # One pass over /proc per walk, and a walk every few polls: psutil's recursive children() makes a pass
+            # per root and checking each remembered process a read each, which twice a second takes 4 % of a
+            # core from a federation that needs all of it. The walk after the launcher's death finds the rest.
             walked, living = time.monotonic(), _living()
             known = {process for process in known if process.pid in living and living[process.pid][0] == process}
             known |= _trees(pid_file, living)
