@@ -17,19 +17,20 @@ project below dp-accounting) is dp-accounting's looseness at fractional orders a
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from dp_accounting import dp_event, pld, rdp
 from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon
-from opacus.accountants import PRVAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy import integrate
 
 from fedsvd.config import ConfigError, ExperimentConfig, load_config
 from fedsvd.privacy.accountants import PrivacyConfigError
-from fedsvd.privacy.accounting import RDP_ORDERS, _prv_options, epsilon_by_accountant, epsilon_of, rdp_per_step
+from fedsvd.privacy.accounting import RDP_ORDERS, _prv_eps_error, epsilon_by_accountant, epsilon_of, rdp_per_step
 from fedsvd.privacy.calibration import calibrate_noise_multiplier
 from fedsvd.privacy.record_level import PrivacyLedger
 
@@ -167,14 +168,30 @@ def test_no_steps_spend_nothing() -> None:
     assert epsilon_by_accountant([], 1e-5) == {"rdp": 0.0, "prv": 0.0}
 
 
-def test_prv_of_many_steps_in_one_entry_equals_plain_opacus() -> None:
-    history = [(1.0, 0.02, 5000)]
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.0, 0.02, 5000)],  # many steps in one entry
+        [(1.7126866479346519, 0.36363636363636365, 5)],  # a small client of a 1,000-client Dirichlet federation
+        [(4.0, 1.0, 5)],  # sample rate 1
+        [(1.0, 0.02, 50), (0.8, 0.05, 10), (2.5, 0.5, 3)],  # heterogeneous
+    ],
+    ids=["many-steps", "large-rate", "rate-1", "heterogeneous"],
+)
+def test_prv_equals_plain_opacus(history: list[tuple[float, float, int]]) -> None:
+    """The grid sized with the vectorised RDP, and composed from Opacus's PRV parts, is Opacus's own."""
     epsilon = epsilon_of(history, 1e-5, "prv")
-    # The FFT-friendly grid changes nothing but the speed.
     plain = PRVAccountant()
-    plain.history = history
-    options = _prv_options(epsilon_of(history, 1e-5, "rdp"), history)
-    assert epsilon == pytest.approx(plain.get_epsilon(1e-5, **options), rel=1e-6)
+    plain.history = list(history)
+    eps_error = _prv_eps_error(epsilon_of(history, 1e-5, "rdp"), history)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "divide by zero encountered in log", RuntimeWarning)
+        assert epsilon == pytest.approx(plain.get_epsilon(1e-5, eps_error=eps_error), rel=1e-9)
+
+
+def test_opacus_orders_are_the_first_rdp_orders() -> None:
+    """The PRV grid is sized at Opacus's RDP orders, read as the first entries of every ``rdp_per_step``."""
+    assert RDP_ORDERS[: len(RDPAccountant.DEFAULT_ALPHAS)] == RDPAccountant.DEFAULT_ALPHAS
 
 
 def test_gdp_is_refused_with_the_reason() -> None:
