@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
+import os
+import queue
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,12 +24,15 @@ from conftest import (
     write_comparison,
 )
 from dp_accounting import dp_event, rdp
+from flwr.server.superlink.fleet.vce import vce_api
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from fedsvd.model import build_lora_model, get_arrays
 from fedsvd.privacy.accounting import RDP_ORDERS
 from fedsvd.results import CSV_COLUMNS
+from fedsvd.simulation import FLOWER_LOG
+from server.app import LOWEST_PRIORITY, yield_engine_polling
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +66,32 @@ def test_run_writes_every_round_and_the_results(runs: dict[str, Path], method: s
     assert tuple(table[0]) == CSV_COLUMNS and len(table) == ROUNDS + 1
     assert 'method = "' + method + '"' in (out_dir / "config.toml").read_text()
     assert json.loads((out_dir / "summary.json").read_text())["rounds"] == ROUNDS
+
+
+def test_the_engines_polling_yields_to_training_in_a_real_run(runs: dict[str, Path]) -> None:
+    """The ServerApp finds the thread of Flower's own simulation engine, in its process, and lowers it."""
+    assert (
+        "the simulation engine polls its nodes at the lowest CPU priority" in (runs["fedsvd"] / FLOWER_LOG).read_text()
+    )
+
+
+def test_only_the_engines_polling_thread_is_lowered() -> None:
+    stop = threading.Event()
+    # Started as Flower starts it (vce_api.run_api), which names the thread after its target.
+    assert "target=add_messages_to_queue" in inspect.getsource(vce_api.run_api)
+    poller = threading.Thread(target=vce_api.add_messages_to_queue, args=(None, queue.Queue(), {}, stop))
+    bystander = threading.Thread(target=stop.wait)
+    for thread in (poller, bystander):
+        thread.start()
+    try:
+        assert yield_engine_polling()
+        assert os.getpriority(os.PRIO_PROCESS, poller.native_id) == LOWEST_PRIORITY
+        assert os.getpriority(os.PRIO_PROCESS, bystander.native_id) == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        stop.set()
+        for thread in (poller, bystander):
+            thread.join()
+    assert not yield_engine_polling()  # as in deployment: no engine, nothing lowered
 
 
 @pytest.mark.parametrize("method", ["fedsvd", "ffa", "fedavg"])
