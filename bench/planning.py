@@ -3,7 +3,11 @@
 1. One RDP evaluation of the sampled Gaussian mechanism at all of fedsvd's orders: Opacus's term-by-term sums
    against fedsvd's vectorised ones (``fedsvd.accounting.rdp_per_step``), which every calibration step, budget
    check and privacy report goes through.
-2. The whole plan (split, partitions, every client's noise calibration) of 1,000 Dirichlet(0.5) clients on the
+2. One PRV epsilon: Opacus's accountant, which sizes its grid with its term-by-term RDP, against fedsvd's
+   (``fedsvd.accounting.epsilon_of``), the same epsilon from Opacus's PRV parts with the grid sized by the
+   vectorised RDP; at a large client's sample rate and at a small client's of a 1,000-client federation. A
+   PRV calibration, a PRV budget check and every privacy report's PRV column go through it.
+3. The whole plan (split, partitions, every client's noise calibration) of 1,000 Dirichlet(0.5) clients on the
    default data against 10 clients. Target: at most 2x.
 
 Usage: python bench/planning.py
@@ -15,6 +19,7 @@ import statistics
 import time
 import warnings
 
+from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 
 from fedsvd import federation
@@ -41,6 +46,23 @@ def rdp_ratio() -> str:
     return (
         f"RDP at {len(accounting.RDP_ORDERS)} orders, Opacus / fedsvd: {opacus_s / len(sigmas) * 1e3:.1f} ms / "
         f"{ours_s / len(sigmas) * 1e3:.1f} ms = {opacus_s / ours_s:.0f}x"
+    )
+
+
+def prv_ratio(sigma: float, sample_rate: float, steps: int = 5, delta: float = 1e-5) -> str:
+    history = [(sigma, sample_rate, steps)]
+    eps_error = accounting._prv_eps_error(accounting.epsilon_of(history, delta, "rdp"), history)
+    opacus = PRVAccountant()
+    opacus.history = history
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opacus_s = seconds(lambda: opacus.get_epsilon(delta, eps_error=eps_error))
+        accounting.rdp_per_step.cache_clear()
+        accounting._epsilon.cache_clear()  # nothing kept from the RDP epsilon above: fedsvd's starts cold
+        ours_s = seconds(lambda: accounting.epsilon_of(history, delta, "prv"))
+    return (
+        f"PRV epsilon (q = {sample_rate:.3g}, sigma = {sigma:.3g}, {steps} steps), Opacus / fedsvd: "
+        f"{opacus_s * 1e3:.0f} ms / {ours_s * 1e3:.0f} ms = {opacus_s / ours_s:.1f}x"
     )
 
 
@@ -71,6 +93,8 @@ def planning_ratio(repeats: int = 3) -> str:
 
 def main() -> None:
     print(rdp_ratio(), flush=True)
+    print(prv_ratio(1.71, 4 / 11), flush=True)  # a client of 11 examples, batch 4
+    print(prv_ratio(0.6, 0.01), flush=True)
     print(planning_ratio(), flush=True)
 
 

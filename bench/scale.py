@@ -7,7 +7,7 @@ discovery; at most 2x), the mean time of the unscored rounds (at most 1.1x), and
 whole process tree, Flower's and Ray's processes included (at most 1.2x). Beside them, without a target, the
 CPU that Flower's simulation runtime takes while the unscored rounds run: its engine polls every node.
 
-Usage: python bench/scale.py [--clients 1000] [--rounds 3]
+Usage: python bench/scale.py [--clients 1000] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -107,7 +107,9 @@ def line(what: str, large: float, small: float, unit: str, target: float) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3)
+    # Rounds of 3 tiny clients take 3-5 s and vary by a fifth from one run to the next on a shared machine: the
+    # mean of 5 unscored rounds is steadier than of 2.
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedsvd-scale-") as scratch:
         small = federation(10, args.rounds, Path(scratch) / "small")
@@ -122,7 +124,7 @@ def main() -> None:
         )
     )
     # Flower's simulation engine asks its state for every node's next message every 0.1 s, in the process that
-    # also runs the ServerApp: with many nodes that polling takes CPU from the clients' training.
+    # also runs the ServerApp: with many nodes that polling takes CPU, at the lowest priority (server.app).
     print(
         f"{label}, CPU of Flower's simulation runtime (ServerApp and engine) while the rounds run: "
         f"{100 * large.runtime_cpu_share:.0f} % / {100 * small.runtime_cpu_share:.0f} % of a core"
