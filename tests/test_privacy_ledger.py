@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from dp_accounting import dp_event, rdp
 
-from fedsvd.privacy.accounting import RDP_ORDERS
+from fedsvd.privacy import record_level
+from fedsvd.privacy.accounting import RDP_ORDERS, epsilon_by_accountant
 from fedsvd.privacy.record_level import PrivacyLedger, ServerPrivacyLedger
 
 DELTA = 1e-5
@@ -50,3 +51,27 @@ def test_report_has_every_client_with_both_accountants() -> None:
     assert clients["0"]["epsilon"] == {"rdp": 0.0, "prv": 0.0} and clients["0"]["steps"] == 0
     assert clients["1"]["rounds"] == [1] and clients["1"]["steps"] == 5
     assert 0 < clients["1"]["epsilon"]["prv"] <= clients["1"]["epsilon"]["rdp"]
+
+
+def test_each_report_computes_only_the_epsilons_of_clients_that_trained_since_the_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ledger = ServerPrivacyLedger("rdp", DELTA, steps_per_round=5, plans={p: (1.0 + p / 10, 0.02) for p in range(4)})
+    ledger.record_training(0, 1)
+    ledger.record_training(1, 1)
+    ledger.report()
+    computed: list[list[tuple[float, float, int]]] = []
+
+    def counted(history: list[tuple[float, float, int]], delta: float) -> dict[str, float]:
+        computed.append(list(history))
+        return epsilon_by_accountant(history, delta)
+
+    monkeypatch.setattr(record_level, "epsilon_by_accountant", counted)
+    ledger.record_training(1, 2)
+    ledger.record_training(2, 2)
+    ledger.record_training(0, 1)  # a round counted once: client 0's history is unchanged
+    report = ledger.report()
+    assert computed == [ledger.history(1), ledger.history(2)]
+    for partition in range(4):  # every epsilon is still cumulative, as a ledger that never reported before says
+        fresh = epsilon_by_accountant(ledger.history(partition), DELTA)
+        assert report["clients"][str(partition)]["epsilon"] == fresh

@@ -116,6 +116,12 @@ class ServerPrivacyLedger:
     plans: dict[int, tuple[float, float]]  # partition -> (noise multiplier, sample rate)
     tolerance: float = 1e-3
     rounds: dict[int, list[int]] = field(default_factory=dict)
+    # Every client's epsilon under each accountant as last reported, keyed by what its history is made of: it only
+    # changes when the client trains, and the report lists every client after every round. Without it, a
+    # federation with more distinct histories than the accountants' cache holds would recompute all of them.
+    _reported: dict[int, tuple[tuple[float, float, int], dict[str, float]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def history(self, partition: int) -> list[PrivacyEvent]:
         sigma, rate = self.plans[partition]
@@ -152,13 +158,16 @@ class ServerPrivacyLedger:
         for partition in sorted(self.plans):
             sigma, rate = self.plans[partition]
             history = self.history(partition)
+            made_of = (sigma, rate, len(history))
+            if partition not in self._reported or self._reported[partition][0] != made_of:
+                self._reported[partition] = (made_of, epsilon_by_accountant(history, self.delta))
             clients[str(partition)] = {
                 "noise_multiplier": sigma,
                 "sample_rate": rate,
                 "rounds": self.rounds.get(partition, []),
                 "history": [list(event) for event in history],
                 "steps": sum(steps for _, _, steps in history),
-                "epsilon": epsilon_by_accountant(history, self.delta),
+                "epsilon": dict(self._reported[partition][1]),
             }
         return {
             "mechanism": "DP-SGD (Poisson-sampled Gaussian mechanism, per-sample clipping)",
