@@ -5,7 +5,8 @@ its daemons below them, so none of them goes with its launcher: after a ``kill -
 would keep training and writing into the run's directory. The launcher therefore starts this watchdog (in
 a session of its own too, so that Ctrl-C or a closed terminal reaches the launcher, not the watchdog). It
 remembers every process below the roots it was given while the launcher lives, and when the launcher is
-gone it stops all of them: terminate, then kill what is left after a grace period. Run as
+gone it stops all of them: the ServerApp's process killed first, then the others terminated, and what is left
+killed after a grace period. Run as
 ``python -m fedsvd.watchdog LAUNCHER_PID PID_FILE``; the launcher writes the pid of every process it starts
 into PID_FILE, a line each, as soon as it has started it.
 """
@@ -25,6 +26,8 @@ import psutil
 POLL_S = 0.5  # how soon the launcher's death is seen
 TREE_POLL_S = 2.0  # how often the trees are walked: a pass over /proc costs about 10 ms
 GRACE_S = 3.0
+# The commands of the processes that run a ServerApp: Flower's simulation runtime, or a deployment's ServerApp.
+SERVER_APP_COMMANDS = ("flwr-simulation", "flwr-serverapp")
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -61,14 +64,34 @@ def _trees(pid_file: Path, living: dict[int, tuple[psutil.Process, int]]) -> set
     return members
 
 
+def _runs_server_app(process: psutil.Process) -> bool:
+    try:
+        return any(command in part for part in process.cmdline() for command in SERVER_APP_COMMANDS)
+    except psutil.Error:
+        return False
+
+
 def stop(processes: Iterable[psutil.Process], grace: float = GRACE_S) -> None:
-    """Terminate, wait up to ``grace`` seconds, then kill the rest. ``psutil.Process`` compares by pid and
-    start time, so a pid reused by an unrelated process since it was remembered is never touched."""
+    """Kill the ServerApp's processes among ``processes`` and wait for them; then terminate the others, wait up to
+    ``grace`` seconds, and kill the rest. ``psutil.Process`` compares by pid and start time, so a pid reused by
+    an unrelated process since it was remembered is never touched.
+
+    The ServerApp goes first, and at once: stopped together with the client workers, it could outlive them long
+    enough to record the round they were training as one whose clients' workers died, and a resumed run would
+    keep that round. Every file it writes is replaced atomically, its checkpoint last, so a kill leaves a run
+    that resumes from its last whole round.
+    """
     alive = [process for process in processes if process.is_running()]
-    for process in alive:
+    servers = [process for process in alive if _runs_server_app(process)]
+    for process in servers:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(servers, timeout=grace)
+    others = [process for process in alive if process not in servers]
+    for process in others:
         with contextlib.suppress(psutil.Error):
             process.terminate()
-    _, left = psutil.wait_procs(alive, timeout=grace)
+    _, left = psutil.wait_procs(others, timeout=grace)
     for process in left:
         with contextlib.suppress(psutil.Error):
             process.kill()

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 from conftest import ROOT
 
-from fedsvd.watchdog import GRACE_S, POLL_S, TREE_POLL_S
+from fedsvd.watchdog import GRACE_S, POLL_S, TREE_POLL_S, stop
 
 
 def _stopped(process: psutil.Process) -> bool:
@@ -51,3 +51,41 @@ def test_once_the_launcher_dies_every_process_seen_below_its_roots_is_stopped_or
         for child in children:
             if not _stopped(child):
                 child.kill()
+
+
+def test_the_server_app_is_gone_before_any_client_worker_is_stopped(tmp_path: Path) -> None:
+    """A ServerApp that outlived its clients' workers would record their round as one they failed."""
+    # Flower's runtime handles SIGTERM and lives on for a while; this one ignores it.
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+         "flwr-simulation"]
+    )  # fmt: skip
+    seen = tmp_path / "seen-at-sigterm"
+    # A client worker that, when told to stop, notes whether the ServerApp is still there.
+    worker = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import os, signal, sys, time
+def noted(*_):
+    try:
+        os.kill({server.pid}, 0)
+        alive = "alive"
+    except ProcessLookupError:
+        alive = "gone"
+    open({str(seen)!r}, "w").write(alive)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, noted)
+open({str(seen)!r} + ".ready", "w").close()
+time.sleep(600)
+"""]
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not Path(f"{seen}.ready").exists():
+            assert time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.05)
+        stop([psutil.Process(worker.pid), psutil.Process(server.pid)])
+        assert seen.read_text() == "gone"
+        assert server.poll() is not None and worker.poll() is not None  # psutil has reaped both
+    finally:
+        for process in (server, worker):
+            process.kill()
