@@ -18,7 +18,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
@@ -83,19 +83,20 @@ def stop(processes: Iterable[psutil.Process], grace: float = GRACE_S) -> None:
     """
     alive = [process for process in processes if process.is_running()]
     servers = [process for process in alive if _runs_server_app(process)]
-    for process in servers:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
+    _each(servers, psutil.Process.kill)
     psutil.wait_procs(servers, timeout=grace)
     others = [process for process in alive if process not in servers]
-    for process in others:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
+    _each(others, psutil.Process.terminate)
     _, left = psutil.wait_procs(others, timeout=grace)
-    for process in left:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
+    _each(left, psutil.Process.kill)
     psutil.wait_procs(left, timeout=grace)
+
+
+def _each(processes: Iterable[psutil.Process], action: Callable[[psutil.Process], None]) -> None:
+    """``action`` on every process; one that has exited meanwhile, or cannot be signalled, is passed over."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            action(process)
 
 
 def watch(launcher_pid: int, pid_file: Path) -> None:

@@ -279,8 +279,7 @@ def _prv_domain_half_width(events: list[PrivacyEvent], eps_error: float, delta_e
 
 
 def _prv_eps_error(rdp_epsilon: float, events: Iterable[PrivacyEvent]) -> float:
-    """PRV's ``eps_error`` for a history, given its RDP epsilon (see ``PRV_RELATIVE_EPS_ERROR``); its
-    ``delta_error`` is Opacus's default, delta / 1000."""
+    """PRV's ``eps_error`` for a history, given its RDP epsilon (see ``PRV_RELATIVE_EPS_ERROR``)."""
     if not math.isfinite(rdp_epsilon):
         raise PrivacyConfigError("the RDP epsilon of this history is infinite; PRV cannot size its grid")
     steps = sum(count for _, _, count in events)
