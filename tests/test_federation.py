@@ -28,10 +28,11 @@ from flwr.server.superlink.fleet.vce import vce_api
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from fedsvd.config import ExperimentConfig
 from fedsvd.model import build_lora_model, get_arrays
 from fedsvd.privacy.accounting import RDP_ORDERS
 from fedsvd.results import CSV_COLUMNS
-from fedsvd.simulation import FLOWER_LOG
+from fedsvd.simulation import FLOWER_LOG, flower_environment
 from server.app import LOWEST_PRIORITY, yield_engine_polling
 
 
@@ -92,6 +93,22 @@ def test_only_the_engines_polling_thread_is_lowered() -> None:
         for thread in (poller, bystander):
             thread.join()
     assert not yield_engine_polling()  # as in deployment: no engine, nothing lowered
+
+
+def test_client_workers_of_a_private_ray_train_at_the_runs_own_priority(tmp_path: Path) -> None:
+    """Ray starts its workers at nice 15 unless told otherwise: the clients' training would then yield to
+    every helper of the run, Flower's engine polling 1,000 nodes included. A private Ray started with the
+    run's environment, as Flower's backend starts it, must run its workers at the run's own priority."""
+    env = flower_environment(tmp_path, ExperimentConfig())
+    worker_priority = (
+        "import os, ray\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "print(ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote()))\n"
+    )
+    started = subprocess.run(
+        [sys.executable, "-c", worker_priority], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert int(started.stdout.split()[-1]) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @pytest.mark.parametrize("method", ["fedsvd", "ffa", "fedavg"])
