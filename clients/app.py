@@ -113,7 +113,7 @@ def _identity(context: Context) -> tuple[ExperimentConfig, NodeSettings]:
     return cfg, node
 
 
-def _round_seed(cfg: ExperimentConfig, partition_id: int, server_round: int) -> int:
+def round_seed(cfg: ExperimentConfig, partition_id: int, server_round: int) -> int:
     # Independent, reproducible streams for each (run seed, client, round): sampling and noise never repeat.
     return int(np.random.SeedSequence([cfg.seed, partition_id, server_round]).generate_state(1)[0])
 
@@ -161,7 +161,7 @@ def train(msg: Message, context: Context) -> Message:
         steps=cfg.local_steps,
         lr=cfg.lr,
         sample_rate=instruction.sample_rate,
-        seed=_round_seed(cfg, partition_id, server_round),
+        seed=round_seed(cfg, partition_id, server_round),
         device=resolve_device(cfg.device),
         dp=DpSgdSettings(instruction.noise_multiplier, cfg.clip_norm) if cfg.dp else None,
         ledger=ledger if cfg.dp else None,
